@@ -1,0 +1,241 @@
+"""Typed, validated configuration: one model per concern, one root that the CLI and flows share.
+
+Every stage saves the resolved config beside its artifacts, and a config round-trips through its
+JSON/YAML form (`PipelineConfig.model_validate(cfg.model_dump(mode="json")) == cfg`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DATASET_CHOICES = "digits, mnist, fashion-mnist, cifar10, imagefolder:PATH"
+_NAMED_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StorageConfig(_Frozen):
+    """Where artifacts live. `root` is an fsspec URL: `./artifacts`, `file:///abs/path`, `s3://bucket/prefix`.
+
+    S3 credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    AWS_SESSION_TOKEN, AWS_PROFILE); they are never stored in config files or artifacts.
+    """
+
+    root: str = "./artifacts"
+    endpoint_url: str | None = Field(
+        default=None,
+        description="S3-compatible endpoint (MinIO, Ceph RGW); defaults to $AWS_ENDPOINT_URL, else AWS.",
+    )
+    region: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _root_scheme(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else "file"
+        if scheme not in ("file", "s3", "memory"):
+            raise ValueError(f"storage root {v!r} has unsupported scheme {scheme!r}; use a local path, file://... or s3://bucket/prefix")
+        return v.rstrip("/") or v
+
+
+class DataConfig(_Frozen):
+    dataset: str = Field(default="digits", description=f"one of: {DATASET_CHOICES}")
+    root: str | None = Field(default=None, description="local root in torchvision's layout for mnist/fashion-mnist/cifar10")
+    source_split: Literal["train", "test"] = Field(
+        default="train", description="which split of a torchvision dataset to read (train/holdout are cut from it)"
+    )
+    download: bool = Field(default=False, description="let torchvision download the dataset (needs network)")
+    image_size: int | None = Field(default=None, ge=4, le=1024, description="resize to this square size; None keeps the native size")
+    holdout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    samples_per_shard: int = Field(default=512, ge=1)
+    max_images: int | None = Field(default=None, ge=2, description="cap the source size (quick runs)")
+    seed: int = 0
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_known(cls, v: str) -> str:
+        if v in _NAMED_DATASETS:
+            return v
+        if v.startswith("imagefolder:") and len(v) > len("imagefolder:"):
+            return v
+        raise ValueError(f"dataset {v!r} unknown; choose one of: {DATASET_CHOICES}")
+
+
+class ModelConfig(_Frozen):
+    """The denoiser and its diffusion process. Image size and channels come from the dataset manifest."""
+
+    base_channels: int = Field(default=32, ge=8)
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = Field(default=1, ge=1)
+    attention_resolutions: tuple[int, ...] = (4,)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    class_conditional: bool = False
+    schedule: Literal["linear", "cosine", "scaled_linear"] = "linear"
+    num_timesteps: int = Field(default=1000, ge=2)
+    prediction_type: Literal["epsilon", "v", "x0"] = "epsilon"
+
+
+class TrainConfig(_Frozen):
+    run_id: str = Field(default="nightly", description="checkpoints live under runs/<run_id>/; same id = resume")
+    steps: int = Field(default=600, ge=1, description="total optimizer steps of the run (a resumed run continues up to it)")
+    steps_per_night: int | None = Field(default=None, ge=1, description="nightly: raise `steps` by this much each run")
+    batch_size: int = Field(default=64, ge=1, description="per worker")
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=50, ge=0)
+    grad_clip: float | None = Field(default=1.0, gt=0)
+    ema_decay: float = Field(default=0.995, ge=0.0, lt=1.0)
+    ema_warmup_steps: int = Field(default=100, ge=0)
+    min_snr_gamma: float | None = Field(default=None, gt=0)
+    label_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(default=200, ge=1)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    log_every: int = Field(default=50, ge=1)
+    shuffle_buffer: int = Field(default=1000, ge=1)
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (DDP ranks)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    bf16: bool = Field(default=False, description="bf16 autocast (GPU)")
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str) -> str:
+        if not _RUN_ID.match(v):
+            raise ValueError(f"run_id {v!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+
+class SampleConfig(_Frozen):
+    num_images: int = Field(default=256, ge=1)
+    sampler: Literal["ddpm", "ddim", "dpmpp_2m", "heun"] = "ddim"
+    steps: int = Field(default=50, ge=1)
+    spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    eta: float = Field(default=0.0, ge=0.0)
+    guidance_scale: float = Field(default=1.0, ge=0.0)
+    seed_start: int = Field(default=0, ge=0, description="image i gets seed seed_start + i")
+    images_per_task: int = Field(default=128, ge=1, description="one Ray task and one output shard per range")
+    batch_size: int = Field(default=64, ge=1)
+    use_gpu: bool = False
+    cpus_per_task: float = Field(default=1.0, gt=0)
+    use_ema: bool = True
+    bf16: bool = False
+
+
+class EvalConfig(_Frozen):
+    metrics: tuple[Literal["fid", "kid", "isc"], ...] = ("fid", "kid")
+    inception_weights: str | None = Field(
+        default=None,
+        description="path or URL of torch-fidelity's InceptionV3 weights (pt_inception-2015-12-05); None = its standard download",
+    )
+    on_missing_weights: Literal["error", "stand-in"] = Field(
+        default="stand-in",
+        description="when the standard weights cannot be had: stop with an error, or continue with a labelled seeded stand-in",
+    )
+    standin_seed: int = 0
+    max_reference_images: int | None = Field(default=None, ge=2)
+    batch_size: int = Field(default=32, ge=1)
+    kid_subset_size: int = Field(default=100, ge=2)
+    grid_images: int = Field(default=64, ge=1)
+
+
+class PromoteConfig(_Frozen):
+    model_name: str = "default"
+    metric: Literal["fid", "kid"] = "fid"
+
+
+class RayConfig(_Frozen):
+    address: str | None = Field(default=None, description="Ray cluster address; defaults to $RAY_ADDRESS, else a local cluster")
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local cluster (None = all)")
+
+
+class PipelineConfig(_Frozen):
+    storage: StorageConfig = StorageConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    evaluate: EvalConfig = EvalConfig()
+    promote: PromoteConfig = PromoteConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.sample.steps > self.model.num_timesteps:
+            raise ValueError(
+                f"sample.steps={self.sample.steps} exceeds model.num_timesteps={self.model.num_timesteps}; lower sample.steps"
+            )
+        if self.sample.guidance_scale != 1.0 and not self.model.class_conditional:
+            raise ValueError("sample.guidance_scale != 1 needs model.class_conditional=true")
+        return self
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the field."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.steps=100` -> ("train.steps", 100); the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.steps=100")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty field name")
+    return key, yaml.safe_load(raw) if raw.strip() else raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Defaults < YAML file < `section.field=value` overrides, validated as one PipelineConfig."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+        source = str(p)
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    if overrides:
+        source += " + overrides"
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

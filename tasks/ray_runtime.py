@@ -1,0 +1,39 @@
+"""Connecting to Ray: a cluster named by config or $RAY_ADDRESS, else a local one (the embedded default)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from tasks.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Initialise Ray once per process. A remote cluster gets our packages shipped as py_modules,
+    so its workers need only the dependencies (infra/ray-cluster.yaml installs them)."""
+    # Before Ray is imported: don't let Ray re-run workers through `uv run` in a copied working dir.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # Only non-secret settings travel; credentials come from the cluster nodes' own environment
+        # or instance role (infra/README.md), never through Ray's runtime_env.
+        env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+        import diffusion_core
+        import tasks
+
+        modules = [str(Path(m.__file__).parent) for m in (diffusion_core, tasks)]
+        log.info("connecting to Ray cluster at %s", address)
+        ray.init(address=address, runtime_env={"py_modules": modules, "env_vars": env_vars}, log_to_driver=True)
+    else:
+        log.info("starting a local Ray cluster (num_cpus=%s)", cfg.num_cpus or "all")
+        # Local workers inherit this process's environment (credentials included) from ray.init.
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)

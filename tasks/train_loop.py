@@ -1,0 +1,255 @@
+"""The training loop one DDP rank runs: stream its shards, step, average, checkpoint.
+
+No Ray here: `tasks/train.py` runs this under Ray Train's TorchTrainer, and tests run it in-process
+with world size 1. A run resumes exactly: the model, EMA, optimizer and step come from the latest
+checkpoint, and the data position, the noise and the dropout masks of a step are functions of
+(seed, rank, step) alone, so N steps + resume + M steps equals N + M steps in one go.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import count
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
+from diffusion_core.ema import EMA
+from diffusion_core.objectives import training_loss
+from diffusion_core.perf import autocast
+from diffusion_core.schedules import alpha_bar_from_betas, make_betas
+from diffusion_core.unet import UNet, UNetConfig
+from tasks.config import ModelConfig, StorageConfig, TrainConfig
+from tasks.storage import Store, sha256_bytes
+from tasks.webdata import decode_sample, iter_raw_samples
+
+log = logging.getLogger(__name__)
+
+
+def run_prefix(run_id: str) -> str:
+    return f"runs/{run_id}"
+
+
+def checkpoint_key(run_id: str, step: int) -> str:
+    return f"{run_prefix(run_id)}/checkpoints/step-{step:08d}.pt"
+
+
+def latest_key(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/checkpoints/latest.json"
+
+
+def read_latest(store: Store, run_id: str) -> dict[str, Any] | None:
+    """{"step", "key", "sha256"} of the newest complete checkpoint of `run_id`, or None."""
+    return store.read_json_or_none(latest_key(run_id))
+
+
+def unet_config_for(model: ModelConfig, manifest: dict[str, Any]) -> UNetConfig:
+    """The network's shape comes from the data (size, channels, classes) and the model section."""
+    return UNetConfig(
+        in_channels=manifest["channels"],
+        image_size=manifest["image_size"],
+        base_channels=model.base_channels,
+        channel_mult=tuple(model.channel_mult),
+        num_res_blocks=model.num_res_blocks,
+        attention_resolutions=tuple(model.attention_resolutions),
+        dropout=model.dropout,
+        num_classes=manifest["num_classes"] if model.class_conditional else None,
+    )
+
+
+# -- data ---------------------------------------------------------------------------------------
+def shards_for_rank(shards: list[dict[str, Any]], rank: int, world_size: int, epoch: int, seed: int) -> list[dict[str, Any]]:
+    """This rank's shards for one epoch: a seeded shuffle dealt round-robin.
+
+    With fewer shards than ranks, ranks share shards (rank r reads shard r mod n), so no rank is
+    ever left without data: an empty rank would hang DDP's all-reduce (webdataset #188).
+    """
+    if not shards:
+        raise ValueError("the train split has no shards")
+    order = list(shards)
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    if len(order) >= world_size:
+        return order[rank::world_size]
+    return [order[rank % len(order)]]
+
+
+def stream_samples(store: Store, shards: list[dict[str, Any]], rank: int, world_size: int, *, seed: int,
+                   shuffle_buffer: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+    """Endless raw samples for one rank, shuffled with a per-(epoch, rank) seed; the first `skip` are dropped.
+
+    Whole epochs are skipped from the manifest's counts without reading; inside an epoch the skipped
+    samples are read but not decoded.
+    """
+    for epoch in count():
+        mine = shards_for_rank(shards, rank, world_size, epoch, seed)
+        epoch_len = sum(s["count"] for s in mine)
+        if skip >= epoch_len:
+            skip -= epoch_len
+            continue
+        rng = random.Random(f"{seed}-{epoch}-{rank}")
+        buf: list[dict[str, Any]] = []
+
+        def emit(sample: dict[str, Any]) -> Iterator[dict[str, Any]]:
+            nonlocal skip
+            if skip:
+                skip -= 1
+            else:
+                yield sample
+
+        for sample in iter_raw_samples(store, [s["key"] for s in mine]):
+            if len(buf) < shuffle_buffer:
+                buf.append(sample)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], sample = sample, buf[j]
+            yield from emit(sample)
+        rng.shuffle(buf)
+        for sample in buf:
+            yield from emit(sample)
+
+
+def batches(samples: Iterator[dict[str, Any]], batch_size: int, channels: int, device: torch.device
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Raw samples -> (x0 float32 [B, C, H, W] in [-1, 1], labels int64 [B])."""
+    while True:
+        images, labels = [], []
+        for _ in range(batch_size):
+            s = decode_sample(next(samples), channels)
+            images.append(s["image"])
+            labels.append(s["label"] if s["label"] is not None else 0)
+        x = torch.from_numpy(np.stack(images)).to(device=device, dtype=torch.float32) / 127.5 - 1.0
+        yield x, torch.tensor(labels, dtype=torch.long, device=device)
+
+
+# -- the loop -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a rank needs, picklable for Ray: resolved configs and the dataset manifest."""
+
+    storage: StorageConfig
+    model: ModelConfig
+    train: TrainConfig
+    target_step: int
+    manifest: dict[str, Any]
+    pipeline_config: dict[str, Any]  # saved in checkpoints so every artifact carries its config
+
+
+def _lr_factor(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+def _step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
+
+
+def run_training(job: TrainJob, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
+                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+                 report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train up to `job.target_step`, resuming from the latest checkpoint; returns a summary (rank 0 saves)."""
+    device = device or torch.device("cpu")
+    tc, store = job.train, Store(job.storage)
+    unet_cfg = unet_config_for(job.model, job.manifest)
+    alpha_bar = alpha_bar_from_betas(make_betas(job.model.schedule, job.model.num_timesteps)).to(device)
+
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    net = UNet(unet_cfg).to(device)
+    if tc.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    ema = EMA(net, decay=tc.ema_decay, warmup_steps=tc.ema_warmup_steps)
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+
+    start_step, resumed_from = 0, None
+    latest = read_latest(store, tc.run_id)
+    if latest is not None:
+        state = load_checkpoint(store.read_bytes(latest["key"]), map_location=device)
+        net.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        start_step = resumed_from = int(state["step"])
+        if rank == 0:
+            log.info("resuming run %s from step %d (%s)", tc.run_id, start_step, store.url(latest["key"]))
+
+    model = wrap_model(net) if wrap_model else net
+    if tc.compile:
+        model = torch.compile(model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tc.warmup_steps), last_epoch=start_step - 1)
+
+    samples = stream_samples(store, job.manifest["splits"]["train"]["shards"], rank, world_size,
+                             seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, skip=start_step * tc.batch_size)
+    data = batches(samples, tc.batch_size, job.manifest["channels"], device)
+    null_label = unet_cfg.num_classes if unet_cfg.num_classes is not None else None
+
+    step, t0, losses = start_step, time.perf_counter(), []
+    for step in range(start_step, job.target_step):
+        x0, labels = next(data)
+        if tc.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        step_seed = _step_seed(tc.seed, rank, step)
+        torch.manual_seed(step_seed)  # dropout masks
+        gen = torch.Generator(device=device).manual_seed(step_seed)  # timesteps, noise, label dropout
+        with autocast(device, enabled=tc.bf16):
+            loss = training_loss(
+                model, x0, labels if null_label is not None else None, alpha_bar=alpha_bar,
+                prediction_type=job.model.prediction_type, generator=gen, min_snr_gamma=tc.min_snr_gamma,
+                label_dropout=tc.label_dropout if null_label is not None else 0.0, null_label=null_label,
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update(net, step)
+        losses.append(loss.detach())
+
+        done = step + 1
+        if done % tc.log_every == 0 or done == job.target_step:
+            mean_loss = torch.stack(losses).mean()
+            if world_size > 1:  # gloo has no AVG: sum, then divide
+                dist.all_reduce(mean_loss)
+                mean_loss /= world_size
+            losses.clear()
+            rate = tc.log_every * tc.batch_size * world_size / max(time.perf_counter() - t0, 1e-9)
+            t0 = time.perf_counter()
+            metrics = {"step": done, "loss": float(mean_loss), "images_per_s": rate, "lr": sched.get_last_lr()[0]}
+            if rank == 0:
+                log.info("step %d/%d loss %.4f (%.0f img/s)", done, job.target_step, metrics["loss"], rate)
+            if report:
+                report(metrics)
+        if rank == 0 and (done % tc.checkpoint_every == 0 or done == job.target_step):
+            save_run_checkpoint(store, job, unet_cfg, net, ema, opt, done)
+    if world_size > 1:
+        dist.barrier()  # no rank returns before rank 0's last checkpoint is committed
+    final = read_latest(store, tc.run_id)
+    return {"run_id": tc.run_id, "step": job.target_step, "resumed_from": resumed_from,
+            "checkpoint_key": final["key"] if final else None, "loss": float(losses[-1]) if losses else math.nan}
+
+
+def save_run_checkpoint(store: Store, job: TrainJob, unet_cfg: UNetConfig, net: torch.nn.Module, ema: EMA,
+                        opt: torch.optim.Optimizer, step: int) -> str:
+    """Checkpoint bytes first, then `latest.json`: a reader following latest never sees a partial one."""
+    tc = job.train
+    config = {
+        "unet": unet_cfg.to_dict(),
+        "model": job.model.model_dump(mode="json"),
+        "dataset": {k: job.manifest[k] for k in ("dataset", "fingerprint", "image_size", "channels", "num_classes")},
+        "pipeline": job.pipeline_config,
+    }
+    data = save_checkpoint({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                            "step": step, "config": config})
+    key = checkpoint_key(tc.run_id, step)
+    store.write_bytes(key, data)
+    store.write_json(latest_key(tc.run_id), {"step": step, "key": key, "sha256": sha256_bytes(data)})
+    log.info("checkpoint step %d -> %s", step, store.url(key))
+    kept = sorted(k for k in store.list(f"{run_prefix(tc.run_id)}/checkpoints") if k.endswith(".pt"))
+    for old in kept[: -tc.keep_checkpoints]:
+        store.delete(old)
+    return key

@@ -1,0 +1,132 @@
+"""WebDataset shards in object storage: write them atomically with a checksum, read them back decoded.
+
+Samples hold only bytes we decode ourselves (`png`, `cls`, `json`): webdataset's default decoders
+would unpickle `.pkl`/`.pyd` and `torch.load` `.pth` members of an untrusted tar, so we never use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from tasks.storage import Store
+
+ALLOWED_MEMBERS = frozenset({"png", "cls", "json"})
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    key: str
+    count: int
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what passes through, so a shard is read once to write it."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:  # the atomic writer owns the real file
+        pass
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W] or [H, W, C] (C in 1, 3) -> PNG bytes."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"encode_png needs uint8 pixels, got {image.dtype}")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes, channels: int) -> np.ndarray:
+    """PNG bytes -> uint8 [C, H, W] with the requested channel count (1 = grayscale, 3 = RGB)."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def write_shard(store: Store, key: str, samples: Iterable[dict[str, Any]]) -> ShardInfo:
+    """Write one .tar shard atomically; each sample is {"__key__": str, "png": bytes, "cls": int, "json": dict}."""
+    count = 0
+    with store.open_atomic(key) as f:
+        hashing = _HashingWriter(f)
+        with wds.TarWriter(hashing, compress=False) as sink:
+            for sample in samples:
+                extra = set(sample) - ALLOWED_MEMBERS - {"__key__"}
+                if extra:
+                    raise ValueError(f"sample {sample.get('__key__')!r} has members {sorted(extra)}; allowed: {sorted(ALLOWED_MEMBERS)}")
+                record: dict[str, Any] = {"__key__": sample["__key__"], "png": sample["png"]}
+                if "cls" in sample:
+                    record["cls"] = str(int(sample["cls"])).encode()
+                if "json" in sample:
+                    record["json"] = json.dumps(sample["json"], sort_keys=True).encode()
+                sink.write(record)
+                count += 1
+    return ShardInfo(key=key, count=count, sha256=hashing.hash.hexdigest(), bytes=hashing.size)
+
+
+def iter_raw_samples(store: Store, keys: list[str]) -> Iterator[dict[str, Any]]:
+    """Stream the samples of `keys` in order, members as raw bytes (no decoding, no pickle)."""
+    if not keys:
+        return
+    store.register_webdataset_opener()
+    urls = [store.url(k) for k in keys]
+    pipeline = wds.WebDataset(
+        urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
+    )
+    yield from pipeline
+
+
+def decode_sample(sample: dict[str, Any], channels: int) -> dict[str, Any]:
+    """Raw webdataset sample -> {"key", "image": uint8 [C,H,W], "label": int|None, "meta": dict}."""
+    if "png" not in sample:
+        raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no png member")
+    label = int(sample["cls"]) if "cls" in sample else None
+    meta = json.loads(sample["json"]) if "json" in sample else {}
+    return {"key": sample["__key__"], "image": decode_png(sample["png"], channels), "label": label, "meta": meta}
+
+
+def iter_images(store: Store, keys: list[str], channels: int) -> Iterator[dict[str, Any]]:
+    for sample in iter_raw_samples(store, keys):
+        yield decode_sample(sample, channels)
+
+
+def read_images(store: Store, keys: list[str], channels: int, limit: int | None = None) -> tuple[np.ndarray, list[int | None], list[dict[str, Any]]]:
+    """All images of `keys` (at most `limit`) as uint8 [N, C, H, W], with labels and per-sample meta."""
+    images, labels, metas = [], [], []
+    for s in iter_images(store, keys, channels):
+        images.append(s["image"])
+        labels.append(s["label"])
+        metas.append(s["meta"])
+        if limit is not None and len(images) >= limit:
+            break
+    if not images:
+        raise ValueError(f"no images in shards {keys}")
+    return np.stack(images), labels, metas

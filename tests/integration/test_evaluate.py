@@ -1,0 +1,305 @@
+"""The evaluate task on real MNIST digits, a real S3 server (moto, loopback) and the seeded stand-in
+extractor (the standard Inception weights cannot be downloaded here).
+
+InceptionV3 on CPU is the cost (~11 images/s on 2 idle cores): the extractor, the store and the
+extracted features are module-scoped and image counts are small.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import pickle
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion_core.fid import feature_moments, frechet_distance
+from tasks.config import EvalConfig, StorageConfig
+from tasks.evaluate import (
+    STANDARD_FILENAME,
+    ExtractorInfo,
+    evaluate_samples,
+    extract_features,
+    load_extractor,
+    reference_features,
+    reference_stats_key,
+    resolve_extractor,
+)
+from tasks.storage import Store
+from tasks.webdata import encode_png, write_shard
+from tests.conftest import free_port
+
+N_PER_SET = 64  # images per FID set in the separation test
+N_HOLDOUT = 32
+N_SAMPLES = 32
+FINGERPRINT = "mnist-test-0123abcd"
+
+
+def _unreachable_url() -> str:
+    """A loopback URL nothing listens on: the standard download fails at once, online or not."""
+    return f"http://127.0.0.1:{free_port()}/{STANDARD_FILENAME}"
+
+
+@pytest.fixture(scope="module")
+def store(s3_endpoint: str) -> Store:
+    import boto3
+
+    bucket = f"eval-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return Store(StorageConfig(root=f"s3://{bucket}/pipeline", endpoint_url=s3_endpoint))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("extractor-cache")
+
+
+@pytest.fixture(scope="module")
+def standin(store: Store, cache_dir: Path) -> ExtractorInfo:
+    return resolve_extractor(EvalConfig(), store, cache_dir=cache_dir, standard_url=_unreachable_url())
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_root: Path) -> np.ndarray:
+    """The MNIST test images as uint8 [10000, 1, 28, 28], decoded from the IDX file."""
+    with gzip.open(mnist_root / "t10k-images-idx3-ubyte.gz") as f:
+        raw = f.read()
+    assert int.from_bytes(raw[:4], "big") == 2051, "not an IDX3 image file"
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 1, 28, 28).copy()
+
+
+@pytest.fixture(scope="module")
+def fids(mnist: np.ndarray, standin: ExtractorInfo) -> dict[str, float]:
+    noise = np.random.default_rng(0).integers(0, 256, (N_PER_SET, 1, 28, 28), dtype=np.uint8)
+    sets = {"real_a": mnist[:N_PER_SET], "real_b": mnist[N_PER_SET : 2 * N_PER_SET], "noise": noise}
+    moments = {
+        name: feature_moments(extract_features(images, standin, batch_size=32)["2048"])
+        for name, images in sets.items()
+    }
+    result = {
+        "real_vs_real": frechet_distance(*moments["real_a"], *moments["real_b"]),
+        "real_vs_noise": frechet_distance(*moments["real_a"], *moments["noise"]),
+    }
+    print(f"\nstand-in FID with {N_PER_SET} images per set: {result}")
+    return result
+
+
+def _write_dataset(store: Store, images: np.ndarray) -> dict[str, Any]:
+    prefix = f"datasets/mnist-{FINGERPRINT[:12]}"
+    half = len(images) // 2
+    shards = []
+    for i, part in enumerate((images[:half], images[half:])):
+        samples = (
+            {"__key__": f"{i}-{j:06d}", "png": encode_png(img[0]), "cls": 0}
+            for j, img in enumerate(part)
+        )
+        shards.append(write_shard(store, f"{prefix}/holdout-{i:06d}.tar", samples).to_dict())
+    manifest = {
+        "format": "diffusion-pipeline/dataset@1",
+        "dataset": "mnist",
+        "fingerprint": FINGERPRINT,
+        "image_size": 28,
+        "channels": 1,
+        "num_classes": 10,
+        "splits": {"holdout": {"count": len(images), "shards": shards}},
+    }
+    store.write_json(f"{prefix}/manifest.json", manifest)
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def dataset_manifest(store: Store, mnist: np.ndarray) -> dict[str, Any]:
+    return _write_dataset(store, mnist[1000 : 1000 + N_HOLDOUT])
+
+
+# (a) the metric measures something -------------------------------------------------------------
+def test_fid_separates_real_digits_from_noise(fids: dict[str, float]) -> None:
+    assert fids["real_vs_real"] < 0.2 * fids["real_vs_noise"], fids
+
+
+# (b) the stand-in is He-initialised, not PyTorch's default init (whose features vanish) ----------
+def test_standin_is_he_initialised_and_discriminates(
+    standin: ExtractorInfo, fids: dict[str, float]
+) -> None:
+    assert not standin.standard and "STAND-IN" in standin.label
+    assert fids["real_vs_noise"] > 1e-3  # PyTorch's default init gives ~1e-12 here
+    model = load_extractor(standin)
+    conv = model.Conv2d_1a_3x3.conv.weight  # fan_in = 3 * 3 * 3
+    assert float(conv.std()) == pytest.approx((2.0 / 27) ** 0.5, rel=0.1)
+    assert torch.all(model.Conv2d_1a_3x3.bn.weight == 1) and torch.all(model.Mixed_7c.branch_pool.bn.running_var == 1)
+
+
+def test_standin_is_shared_through_the_store(
+    store: Store, standin: ExtractorInfo, tmp_path: Path
+) -> None:
+    key = "extractors/inception-v3-standin-seed0.pth"
+    assert key in store.list("extractors")
+    assert store.sha256(key) == standin.sha256
+    # Another worker with an empty local cache gets the same bytes from the store.
+    again = resolve_extractor(EvalConfig(), store, cache_dir=tmp_path, standard_url=_unreachable_url())
+    assert again.sha256 == standin.sha256 and again.path.parent == tmp_path
+
+
+# (c) reference statistics are computed once and cached in the store -----------------------------
+def test_reference_stats_cached_in_store(
+    store: Store, dataset_manifest: dict[str, Any], standin: ExtractorInfo
+) -> None:
+    cfg = EvalConfig(batch_size=32)
+    key = reference_stats_key(FINGERPRINT, standin.sha256, N_HOLDOUT)
+    assert key == f"stats/{FINGERPRINT}/{standin.sha256[:16]}-n{N_HOLDOUT}.npz"
+    if store.exists(key):
+        store.delete(key)
+
+    t0 = time.monotonic()
+    first = reference_features(store, dataset_manifest, standin, cfg)
+    t1 = time.monotonic()
+    second = reference_features(store, dataset_manifest, standin, cfg)
+    t2 = time.monotonic()
+
+    assert first.computed and not second.computed
+    assert first.key == second.key == key
+    assert store.list(f"stats/{FINGERPRINT}") == [key]
+    np.testing.assert_array_equal(first.features, second.features)
+    np.testing.assert_array_equal(first.sigma, second.sigma)
+    assert second.features.shape == (N_HOLDOUT, 2048) and second.features.dtype == np.float32
+    assert t2 - t1 < 0.25 * (t1 - t0), (t1 - t0, t2 - t1)
+    with np.load(io.BytesIO(store.read_bytes(key)), allow_pickle=False) as npz:
+        meta = json.loads(str(npz["meta"]))
+    assert meta["extractor_sha256"] == standin.sha256 and meta["dataset_fingerprint"] == FINGERPRINT
+
+
+# (d) no silent stand-in when the user asks for the standard weights ---------------------------
+def test_missing_weights_error_says_how_to_provide_them(store: Store, tmp_path: Path) -> None:
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"evaluate\.inception_weights=PATH") as err:
+        resolve_extractor(
+            EvalConfig(on_missing_weights="error"),
+            store,
+            cache_dir=tmp_path,
+            standard_url=_unreachable_url(),
+        )
+    assert time.monotonic() - start < 10
+    assert "weights-inception-2015-12-05-6726825d.pth" in str(err.value)
+
+
+def test_configured_weights_path_that_does_not_exist(store: Store, tmp_path: Path) -> None:
+    cfg = EvalConfig(inception_weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        resolve_extractor(cfg, store, cache_dir=tmp_path)
+
+
+# (e) a malicious weights file is refused without running it ------------------------------------
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.makedirs, (str(self.marker),))
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "raw pickle"])
+def test_malicious_weights_file_is_refused_unexecuted(
+    store: Store, tmp_path: Path, fmt: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The payload is live: plain unpickling runs it (checked on a control marker).
+    control = tmp_path / "control-ran"
+    pickle.loads(pickle.dumps(_Payload(control)))
+    assert control.is_dir()
+
+    marker = tmp_path / "payload-ran"
+    weights = tmp_path / "evil.pth"
+    if fmt == "torch.save":
+        torch.save({"Conv2d_1a_3x3.conv.weight": _Payload(marker)}, weights)
+    else:
+        weights.write_bytes(pickle.dumps({"w": _Payload(marker)}))
+
+    info = resolve_extractor(EvalConfig(inception_weights=str(weights)), store, cache_dir=tmp_path)
+    assert not info.standard
+    with pytest.raises(ValueError, match="refusing Inception weights file .*evil.pth"):
+        load_extractor(info)
+    assert not marker.exists()
+
+
+# (f) the task end to end on tiny shards in S3 ---------------------------------------------------
+def _write_samples(store: Store, images: np.ndarray, channels: int = 1) -> str:
+    prefix = f"samples/{uuid.uuid4().hex[:8]}"
+    half = len(images) // 2
+    shards = []
+    for i, (lo, hi) in enumerate(((0, half), (half, len(images)))):
+        samples = (
+            {"__key__": f"{seed:08d}", "png": encode_png(images[seed, 0]), "json": {"seed": seed, "label": None}}
+            for seed in range(lo, hi)
+        )
+        info = write_shard(store, f"{prefix}/samples-{i:06d}.tar", samples).to_dict()
+        shards.append(info | {"seed_start": lo, "seed_stop": hi})
+    manifest = {
+        "format": "diffusion-pipeline/samples@1",
+        "num_images": len(images),
+        "sampler": "ddim",
+        "steps": 50,
+        "eta": 0.0,
+        "guidance_scale": 1.0,
+        "checkpoint_step": 600,
+        "run_id": "nightly",
+        "image_size": 28,
+        "channels": channels,
+        "shards": shards,
+    }
+    store.write_json(f"{prefix}/manifest.json", manifest)
+    return f"{prefix}/manifest.json"
+
+
+def test_evaluate_samples_end_to_end(
+    store: Store,
+    dataset_manifest: dict[str, Any],
+    standin: ExtractorInfo,
+    mnist: np.ndarray,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # "Samples": real digits with pixel noise, so the FID is small but not zero.
+    rng = np.random.default_rng(1)
+    digits = mnist[2000 : 2000 + N_SAMPLES].astype(np.int16)
+    samples = np.clip(digits + rng.integers(-40, 41, digits.shape), 0, 255).astype(np.uint8)
+    manifest_key = _write_samples(store, samples)
+    cfg = EvalConfig(metrics=("fid", "kid", "isc"), kid_subset_size=16, grid_images=16, batch_size=32)
+
+    with caplog.at_level(logging.INFO, logger="tasks.evaluate"):
+        result = evaluate_samples(
+            store, dataset_manifest, manifest_key, cfg, "runs/nightly/eval/step-600", extractor=standin
+        )
+
+    for name in ("metrics_key", "grid_key", "report_key"):
+        assert store.exists(result[name]), name
+    metrics = store.read_json(result["metrics_key"])
+    assert metrics == json.loads(json.dumps(result))
+    assert metrics["num_images"] == N_SAMPLES and metrics["num_reference_images"] == N_HOLDOUT
+    assert metrics["extractor"]["weights_sha256"] == standin.sha256
+    assert metrics["extractor"]["standard"] is False and metrics["comparable_with_published"] is False
+    assert metrics["fid"] > 0 and np.isfinite(metrics["kid_mean"]) and metrics["isc_mean"] >= 1.0
+    assert metrics["reference_stats_key"] == reference_stats_key(FINGERPRINT, standin.sha256, N_HOLDOUT)
+    assert (metrics["sampler"], metrics["steps"], metrics["checkpoint_step"]) == ("ddim", 50, 600)
+    assert metrics["dataset_fingerprint"] == FINGERPRINT and metrics["kid_subset_size"] == 16
+
+    report = store.read_bytes(result["report_key"]).decode()
+    assert "NOT comparable with published FIDs" in report and "grid.png" in report
+    with Image.open(io.BytesIO(store.read_bytes(result["grid_key"]))) as grid:
+        assert grid.width >= 256 and grid.width == grid.height  # 16 images: a 4 x 4 grid
+    print(f"\nend-to-end metrics: fid={metrics['fid']:.4g} kid={metrics['kid_mean']:.4g} isc={metrics['isc_mean']:.4g}")
+
+
+def test_evaluate_samples_rejects_channel_mismatch(
+    store: Store, dataset_manifest: dict[str, Any], standin: ExtractorInfo
+) -> None:
+    rgb_key = _write_samples(store, np.zeros((4, 1, 28, 28), np.uint8), channels=3)
+    with pytest.raises(ValueError, match=r"\(channels, size\) = \(3, 28\)"):
+        evaluate_samples(store, dataset_manifest, rgb_key, EvalConfig(), "eval/x", extractor=standin)
