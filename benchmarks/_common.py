@@ -36,7 +36,9 @@ def diffusers_unet(cfg: UNetConfig) -> nn.Module:
         attention_head_dim=None if cfg.num_heads == 1 else widths[-1] // cfg.num_heads,
         norm_num_groups=cfg.groups,
         attn_norm_num_groups=cfg.groups,
-        resnet_time_scale_shift="scale_shift" if cfg.time_conditioning == "scale_shift" else "default",
+        resnet_time_scale_shift="scale_shift"
+        if cfg.time_conditioning == "scale_shift"
+        else "default",
         dropout=cfg.dropout,
         num_class_embeds=None if cfg.num_classes is None else cfg.num_classes + 1,
         flip_sin_to_cos=True,

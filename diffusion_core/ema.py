@@ -46,7 +46,7 @@ class EMA:
         """Move the average towards `model`'s weights; returns the decay used."""
         d = ema_decay(step, self.decay, self.warmup_steps)
         src = unwrap_model(model)
-        ema_params = list(self.model.parameters())
+        ema_params: list[torch.Tensor] = list(self.model.parameters())
         params = [p.detach() for p in src.parameters()]
         if len(ema_params) != len(params):
             raise ValueError(
@@ -80,4 +80,3 @@ class EMA:
         self.decay = float(state["decay"])
         self.warmup_steps = int(state["warmup_steps"])
         self.num_updates = int(state["num_updates"])
-

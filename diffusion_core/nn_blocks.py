@@ -24,7 +24,9 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Ten
     `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`.
     """
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (-math.log(max_period) / half)
+    exponent = torch.arange(half, dtype=torch.float32, device=t.device) * (
+        -math.log(max_period) / half
+    )
     args = t.to(torch.float32)[:, None] * exponent.exp()[None, :]
     return torch.cat([args.cos(), args.sin()], dim=-1)
 

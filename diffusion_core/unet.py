@@ -196,7 +196,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(ch, cfg.in_channels, 3, padding=1)
         # Zero output: the untrained network predicts 0, a stable start for eps/v targets.
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        nn.init.zeros_(self.conv_out.bias)  # type: ignore[arg-type]
 
     @property
     def null_label(self) -> int | None:
@@ -215,7 +215,9 @@ class UNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
         if self.class_embed is not None:
             if class_labels is None:
-                class_labels = torch.full_like(t, self.config.num_classes, dtype=torch.long)
+                class_labels = torch.full_like(
+                    t, self.class_embed.num_embeddings - 1, dtype=torch.long
+                )
             emb = emb + self.class_embed(class_labels)
         elif class_labels is not None:
             raise ValueError("class_labels given to an unconditional UNet (num_classes=None)")

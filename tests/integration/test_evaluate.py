@@ -40,9 +40,11 @@ from tasks.webdata import encode_png, write_shard
 from tests.conftest import free_port
 
 N_PER_SET = 64  # images per FID set in the separation test
-N_HOLDOUT = 32
-N_SAMPLES = 32
+N_HOLDOUT = 24
+N_SAMPLES = 16
 FINGERPRINT = "mnist-test-0123abcd"
+
+pytestmark = pytest.mark.slow  # an S3 server process and ~230 InceptionV3 forward passes
 
 
 def _unreachable_url() -> str:
@@ -55,7 +57,9 @@ def store(s3_endpoint: str) -> Store:
     import boto3
 
     bucket = f"eval-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=bucket
+    )
     return Store(StorageConfig(root=f"s3://{bucket}/pipeline", endpoint_url=s3_endpoint))
 
 
@@ -66,7 +70,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def standin(store: Store, cache_dir: Path) -> ExtractorInfo:
-    return resolve_extractor(EvalConfig(), store, cache_dir=cache_dir, standard_url=_unreachable_url())
+    return resolve_extractor(
+        EvalConfig(), store, cache_dir=cache_dir, standard_url=_unreachable_url()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -136,18 +142,24 @@ def test_standin_is_he_initialised_and_discriminates(
     model = load_extractor(standin)
     conv = model.Conv2d_1a_3x3.conv.weight  # fan_in = 3 * 3 * 3
     assert float(conv.std()) == pytest.approx((2.0 / 27) ** 0.5, rel=0.1)
-    assert torch.all(model.Conv2d_1a_3x3.bn.weight == 1) and torch.all(model.Mixed_7c.branch_pool.bn.running_var == 1)
+    assert torch.all(model.Conv2d_1a_3x3.bn.weight == 1) and torch.all(
+        model.Mixed_7c.branch_pool.bn.running_var == 1
+    )
 
 
 def test_standin_is_shared_through_the_store(
-    store: Store, standin: ExtractorInfo, tmp_path: Path
+    store: Store, standin: ExtractorInfo, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = "extractors/inception-v3-standin-seed0.pth"
     assert key in store.list("extractors")
     assert store.sha256(key) == standin.sha256
     # Another worker with an empty local cache gets the same bytes from the store.
-    again = resolve_extractor(EvalConfig(), store, cache_dir=tmp_path, standard_url=_unreachable_url())
+    with caplog.at_level(logging.WARNING, logger="tasks.evaluate"):
+        again = resolve_extractor(
+            EvalConfig(), store, cache_dir=tmp_path, standard_url=_unreachable_url()
+        )
     assert again.sha256 == standin.sha256 and again.path.parent == tmp_path
+    assert "STAND-IN" in caplog.text and "NOT comparable" in caplog.text
 
 
 # (c) reference statistics are computed once and cached in the store -----------------------------
@@ -207,9 +219,9 @@ class _Payload:
         return (os.makedirs, (str(self.marker),))
 
 
-@pytest.mark.parametrize("fmt", ["torch.save", "raw pickle"])
+@pytest.mark.parametrize("fmt", ["torch.save file", "raw pickle in S3"])
 def test_malicious_weights_file_is_refused_unexecuted(
-    store: Store, tmp_path: Path, fmt: str, caplog: pytest.LogCaptureFixture
+    store: Store, tmp_path: Path, fmt: str
 ) -> None:
     # The payload is live: plain unpickling runs it (checked on a control marker).
     control = tmp_path / "control-ran"
@@ -217,14 +229,17 @@ def test_malicious_weights_file_is_refused_unexecuted(
     assert control.is_dir()
 
     marker = tmp_path / "payload-ran"
-    weights = tmp_path / "evil.pth"
-    if fmt == "torch.save":
+    if fmt == "torch.save file":
+        weights = tmp_path / "evil.pth"
         torch.save({"Conv2d_1a_3x3.conv.weight": _Payload(marker)}, weights)
+        location = str(weights)
     else:
-        weights.write_bytes(pickle.dumps({"w": _Payload(marker)}))
+        key = f"extractors/{uuid.uuid4().hex[:8]}/evil.pth"
+        store.write_bytes(key, pickle.dumps({"w": _Payload(marker)}, protocol=2))
+        location = store.url(key)
 
-    info = resolve_extractor(EvalConfig(inception_weights=str(weights)), store, cache_dir=tmp_path)
-    assert not info.standard
+    info = resolve_extractor(EvalConfig(inception_weights=location), store, cache_dir=tmp_path)
+    assert not info.standard and info.source == location
     with pytest.raises(ValueError, match="refusing Inception weights file .*evil.pth"):
         load_extractor(info)
     assert not marker.exists()
@@ -237,7 +252,11 @@ def _write_samples(store: Store, images: np.ndarray, channels: int = 1) -> str:
     shards = []
     for i, (lo, hi) in enumerate(((0, half), (half, len(images)))):
         samples = (
-            {"__key__": f"{seed:08d}", "png": encode_png(images[seed, 0]), "json": {"seed": seed, "label": None}}
+            {
+                "__key__": f"{seed:08d}",
+                "png": encode_png(images[seed, 0]),
+                "json": {"seed": seed, "label": None},
+            }
             for seed in range(lo, hi)
         )
         info = write_shard(store, f"{prefix}/samples-{i:06d}.tar", samples).to_dict()
@@ -264,19 +283,19 @@ def test_evaluate_samples_end_to_end(
     dataset_manifest: dict[str, Any],
     standin: ExtractorInfo,
     mnist: np.ndarray,
-    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # "Samples": real digits with pixel noise, so the FID is small but not zero.
     rng = np.random.default_rng(1)
     digits = mnist[2000 : 2000 + N_SAMPLES].astype(np.int16)
     samples = np.clip(digits + rng.integers(-40, 41, digits.shape), 0, 255).astype(np.uint8)
     manifest_key = _write_samples(store, samples)
-    cfg = EvalConfig(metrics=("fid", "kid", "isc"), kid_subset_size=16, grid_images=16, batch_size=32)
+    cfg = EvalConfig(
+        metrics=("fid", "kid", "isc"), kid_subset_size=8, grid_images=16, batch_size=32
+    )
 
-    with caplog.at_level(logging.INFO, logger="tasks.evaluate"):
-        result = evaluate_samples(
-            store, dataset_manifest, manifest_key, cfg, "runs/nightly/eval/step-600", extractor=standin
-        )
+    result = evaluate_samples(
+        store, dataset_manifest, manifest_key, cfg, "runs/nightly/eval/step-600", extractor=standin
+    )
 
     for name in ("metrics_key", "grid_key", "report_key"):
         assert store.exists(result[name]), name
@@ -284,17 +303,22 @@ def test_evaluate_samples_end_to_end(
     assert metrics == json.loads(json.dumps(result))
     assert metrics["num_images"] == N_SAMPLES and metrics["num_reference_images"] == N_HOLDOUT
     assert metrics["extractor"]["weights_sha256"] == standin.sha256
-    assert metrics["extractor"]["standard"] is False and metrics["comparable_with_published"] is False
+    assert (
+        metrics["extractor"]["standard"] is False and metrics["comparable_with_published"] is False
+    )
     assert metrics["fid"] > 0 and np.isfinite(metrics["kid_mean"]) and metrics["isc_mean"] >= 1.0
-    assert metrics["reference_stats_key"] == reference_stats_key(FINGERPRINT, standin.sha256, N_HOLDOUT)
+    assert metrics["reference_stats_key"] == reference_stats_key(
+        FINGERPRINT, standin.sha256, N_HOLDOUT
+    )
     assert (metrics["sampler"], metrics["steps"], metrics["checkpoint_step"]) == ("ddim", 50, 600)
-    assert metrics["dataset_fingerprint"] == FINGERPRINT and metrics["kid_subset_size"] == 16
+    assert metrics["dataset_fingerprint"] == FINGERPRINT and metrics["kid_subset_size"] == 8
 
     report = store.read_bytes(result["report_key"]).decode()
     assert "NOT comparable with published FIDs" in report and "grid.png" in report
     with Image.open(io.BytesIO(store.read_bytes(result["grid_key"]))) as grid:
         assert grid.width >= 256 and grid.width == grid.height  # 16 images: a 4 x 4 grid
-    print(f"\nend-to-end metrics: fid={metrics['fid']:.4g} kid={metrics['kid_mean']:.4g} isc={metrics['isc_mean']:.4g}")
+    shown = {k: round(metrics[k], 6) for k in ("fid", "kid_mean", "isc_mean")}
+    print(f"\nend-to-end metrics ({N_SAMPLES} samples vs {N_HOLDOUT} held-out): {shown}")
 
 
 def test_evaluate_samples_rejects_channel_mismatch(
@@ -302,4 +326,6 @@ def test_evaluate_samples_rejects_channel_mismatch(
 ) -> None:
     rgb_key = _write_samples(store, np.zeros((4, 1, 28, 28), np.uint8), channels=3)
     with pytest.raises(ValueError, match=r"\(channels, size\) = \(3, 28\)"):
-        evaluate_samples(store, dataset_manifest, rgb_key, EvalConfig(), "eval/x", extractor=standin)
+        evaluate_samples(
+            store, dataset_manifest, rgb_key, EvalConfig(), "eval/x", extractor=standin
+        )

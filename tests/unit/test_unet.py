@@ -74,7 +74,9 @@ def test_unconditional_net_rejects_labels() -> None:
     ],
 )
 def test_config_validation_names_field_and_value(field: str, value: object) -> None:
-    with pytest.raises(ValueError, match=rf"{field}={value!r}".replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        ValueError, match=rf"{field}={value!r}".replace("(", r"\(").replace(")", r"\)")
+    ):
         UNetConfig(**{field: value})  # type: ignore[arg-type]
 
 
