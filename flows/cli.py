@@ -1,6 +1,6 @@
 """`diffpipe`: one subcommand per stage, `nightly` for the whole chain, `serve` for the deployment.
 
-    diffpipe nightly [-c config.yaml] [section.field=value ...] [--dry-run]
+diffpipe nightly [-c config.yaml] [section.field=value ...] [--dry-run]
 """
 
 from __future__ import annotations
@@ -23,12 +23,23 @@ STAGES = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffpipe", description="Train, sample and evaluate diffusion models.")
+    parser = argparse.ArgumentParser(
+        prog="diffpipe", description="Train, sample and evaluate diffusion models."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-c", "--config", help="YAML config file (sections: storage, data, model, train, sample, evaluate, promote, ray)")
-        p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. train.steps=200")
+        p.add_argument(
+            "-c",
+            "--config",
+            help="YAML config file (sections: storage, data, model, train, sample, evaluate, promote, ray)",
+        )
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="section.field=value",
+            help="config overrides, e.g. train.steps=200",
+        )
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
         if name == "serve":
             p.add_argument("--cron", default=None, help="schedule (default: 0 2 * * *, 02:00 UTC)")
@@ -41,8 +52,12 @@ def _print_result(command: str, result: dict[str, Any]) -> None:
     if command == "nightly":
         m = result["metrics"]
         print(f"report: {result['report_url']}")
-        print(f"FID: {m['fid']:.4f} ({m['extractor']['label']}; {m['num_images']} samples vs {m['num_reference_images']} held-out images)")
-        print(f"promotion: {'PROMOTED' if result['promotion']['promoted'] else 'not promoted'} ({result['promotion']['reason']})")
+        print(
+            f"FID: {m['fid']:.4f} ({m['extractor']['label']}; {m['num_images']} samples vs {m['num_reference_images']} held-out images)"
+        )
+        print(
+            f"promotion: {'PROMOTED' if result['promotion']['promoted'] else 'not promoted'} ({result['promotion']['reason']})"
+        )
     elif command == "evaluate":
         print(f"FID: {result['fid']:.4f} ({result['extractor']['label']})")
         print(f"report: {result['report_key']}")
@@ -64,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     from flows import nightly as flows_mod
@@ -72,10 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from flows.deploy import DEFAULT_CRON, serve_nightly
 
-        serve_nightly(args.config, args.overrides, cron=args.cron or DEFAULT_CRON, name=args.name, limit=args.limit)
+        serve_nightly(
+            args.config,
+            args.overrides,
+            cron=args.cron or DEFAULT_CRON,
+            name=args.name,
+            limit=args.limit,
+        )
         return 0
-    flow = {"shard": flows_mod.shard_flow, "train": flows_mod.train_flow, "sample": flows_mod.sample_flow,
-            "evaluate": flows_mod.evaluate_flow, "nightly": flows_mod.nightly}[args.command]
+    flow = {
+        "shard": flows_mod.shard_flow,
+        "train": flows_mod.train_flow,
+        "sample": flows_mod.sample_flow,
+        "evaluate": flows_mod.evaluate_flow,
+        "nightly": flows_mod.nightly,
+    }[args.command]
     try:
         result = flow(config_path=args.config, overrides=args.overrides)
     except (FileNotFoundError, ValueError, RuntimeError) as err:

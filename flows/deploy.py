@@ -10,8 +10,14 @@ DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC every night
 DEPLOYMENT_NAME = "nightly"
 
 
-def serve_nightly(config_path: str | None, overrides: list[str], *, cron: str | None = DEFAULT_CRON,
-                  name: str = DEPLOYMENT_NAME, limit: int | None = None) -> None:
+def serve_nightly(
+    config_path: str | None,
+    overrides: list[str],
+    *,
+    cron: str | None = DEFAULT_CRON,
+    name: str = DEPLOYMENT_NAME,
+    limit: int | None = None,
+) -> None:
     nightly.serve(
         name=name,
         cron=cron,

@@ -18,12 +18,16 @@ from tasks.train_loop import read_latest
 
 
 @flow(name="shard")
-def shard_flow(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def shard_flow(
+    config_path: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     return shard_task(load_config(config_path, overrides))
 
 
 @flow(name="train")
-def train_flow(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def train_flow(
+    config_path: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     cfg = load_config(config_path, overrides)
     return train_task(cfg, shard_task(cfg))
 
@@ -31,18 +35,24 @@ def train_flow(config_path: str | None = None, overrides: list[str] | None = Non
 def _latest_checkpoint(cfg: Any) -> str:
     latest = read_latest(Store(cfg.storage), cfg.train.run_id)
     if latest is None:
-        raise FileNotFoundError(f"run {cfg.train.run_id!r} has no checkpoint yet; run `diffpipe train` first")
+        raise FileNotFoundError(
+            f"run {cfg.train.run_id!r} has no checkpoint yet; run `diffpipe train` first"
+        )
     return latest["key"]
 
 
 @flow(name="sample")
-def sample_flow(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def sample_flow(
+    config_path: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     cfg = load_config(config_path, overrides)
     return sample_task(cfg, _latest_checkpoint(cfg))
 
 
 @flow(name="evaluate")
-def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def evaluate_flow(
+    config_path: str | None = None, overrides: list[str] | None = None
+) -> dict[str, Any]:
     cfg = load_config(config_path, overrides)
     manifest = shard_task(cfg)
     samples = sample_task(cfg, _latest_checkpoint(cfg))  # reused when that sample set is complete
@@ -63,10 +73,17 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None) 
     decision = promote_task(cfg, metrics, trained["checkpoint_key"])
     evaluation_md = store.read_bytes(metrics["report_key"]).decode()
     summary = {
-        "run_id": cfg.train.run_id, "dataset": manifest["dataset"], "manifest_key": manifest["manifest_key"],
-        "shards_reused": manifest["reused"], "step": trained["step"], "resumed_from": trained["resumed_from"],
-        "trained_steps": trained["trained_steps"], "checkpoint_key": trained["checkpoint_key"],
-        "samples_key": samples["manifest_key"], "metrics": metrics, "promotion": decision,
+        "run_id": cfg.train.run_id,
+        "dataset": manifest["dataset"],
+        "manifest_key": manifest["manifest_key"],
+        "shards_reused": manifest["reused"],
+        "step": trained["step"],
+        "resumed_from": trained["resumed_from"],
+        "trained_steps": trained["trained_steps"],
+        "checkpoint_key": trained["checkpoint_key"],
+        "samples_key": samples["manifest_key"],
+        "metrics": metrics,
+        "promotion": decision,
     }
     summary = write_nightly_report(store, cfg.train.run_id, summary, evaluation_md)
     logger.info("report: %s", summary["report_url"])

@@ -32,7 +32,12 @@ def _transient_failure(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-_RETRY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": _transient_failure, "cache_policy": NONE}
+_RETRY = {
+    "retries": 2,
+    "retry_delay_seconds": 10,
+    "retry_condition_fn": _transient_failure,
+    "cache_policy": NONE,
+}
 
 
 @task(name="shard", **_RETRY)
@@ -41,7 +46,9 @@ def shard_task(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 @task(name="train", **_RETRY)
-def train_task(cfg: PipelineConfig, manifest: dict[str, Any], nightly: bool = False) -> dict[str, Any]:
+def train_task(
+    cfg: PipelineConfig, manifest: dict[str, Any], nightly: bool = False
+) -> dict[str, Any]:
     return train(cfg, manifest, nightly=nightly)
 
 
@@ -57,17 +64,30 @@ def eval_prefix(samples: dict[str, Any]) -> str:
 
 
 @task(name="evaluate", **_RETRY)
-def evaluate_task(cfg: PipelineConfig, manifest: dict[str, Any], samples: dict[str, Any]) -> dict[str, Any]:
+def evaluate_task(
+    cfg: PipelineConfig, manifest: dict[str, Any], samples: dict[str, Any]
+) -> dict[str, Any]:
     store = Store(cfg.storage)
     device = "cuda" if cfg.sample.use_gpu else "cpu"
-    metrics = evaluate_samples(store, manifest, samples["manifest_key"], cfg.evaluate, eval_prefix(samples), device=device)
-    create_markdown_artifact(store.read_bytes(metrics["report_key"]).decode(), key="evaluation-report",
-                             description=f"evaluation of {samples['manifest_key']}")
-    rows = [{"metric": k, "value": metrics[k]} for k in ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std") if k in metrics]
+    metrics = evaluate_samples(
+        store, manifest, samples["manifest_key"], cfg.evaluate, eval_prefix(samples), device=device
+    )
+    create_markdown_artifact(
+        store.read_bytes(metrics["report_key"]).decode(),
+        key="evaluation-report",
+        description=f"evaluation of {samples['manifest_key']}",
+    )
+    rows = [
+        {"metric": k, "value": metrics[k]}
+        for k in ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std")
+        if k in metrics
+    ]
     create_table_artifact(rows, key="evaluation-metrics", description=metrics["extractor"]["label"])
     return metrics
 
 
 @task(name="promote", **_RETRY)
-def promote_task(cfg: PipelineConfig, metrics: dict[str, Any], checkpoint_key: str) -> dict[str, Any]:
+def promote_task(
+    cfg: PipelineConfig, metrics: dict[str, Any], checkpoint_key: str
+) -> dict[str, Any]:
     return promote_if_better(Store(cfg.storage), cfg.promote, metrics, checkpoint_key)

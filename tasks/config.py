@@ -41,21 +41,36 @@ class StorageConfig(_Frozen):
     def _root_scheme(cls, v: str) -> str:
         scheme = v.split("://", 1)[0] if "://" in v else "file"
         if scheme not in ("file", "s3", "memory"):
-            raise ValueError(f"storage root {v!r} has unsupported scheme {scheme!r}; use a local path, file://... or s3://bucket/prefix")
+            raise ValueError(
+                f"storage root {v!r} has unsupported scheme {scheme!r}; use a local path, file://... or s3://bucket/prefix"
+            )
         return v.rstrip("/") or v
 
 
 class DataConfig(_Frozen):
     dataset: str = Field(default="digits", description=f"one of: {DATASET_CHOICES}")
-    root: str | None = Field(default=None, description="local root in torchvision's layout for mnist/fashion-mnist/cifar10")
-    source_split: Literal["train", "test"] = Field(
-        default="train", description="which split of a torchvision dataset to read (train/holdout are cut from it)"
+    root: str | None = Field(
+        default=None,
+        description="local root in torchvision's layout for mnist/fashion-mnist/cifar10",
     )
-    download: bool = Field(default=False, description="let torchvision download the dataset (needs network)")
-    image_size: int | None = Field(default=None, ge=4, le=1024, description="resize to this square size; None keeps the native size")
+    source_split: Literal["train", "test"] = Field(
+        default="train",
+        description="which split of a torchvision dataset to read (train/holdout are cut from it)",
+    )
+    download: bool = Field(
+        default=False, description="let torchvision download the dataset (needs network)"
+    )
+    image_size: int | None = Field(
+        default=None,
+        ge=4,
+        le=1024,
+        description="resize to this square size; None keeps the native size",
+    )
     holdout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     samples_per_shard: int = Field(default=512, ge=1)
-    max_images: int | None = Field(default=None, ge=2, description="cap the source size (quick runs)")
+    max_images: int | None = Field(
+        default=None, ge=2, description="cap the source size (quick runs)"
+    )
     seed: int = 0
 
     @field_validator("dataset")
@@ -83,9 +98,17 @@ class ModelConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
-    run_id: str = Field(default="nightly", description="checkpoints live under runs/<run_id>/; same id = resume")
-    steps: int = Field(default=600, ge=1, description="total optimizer steps of the run (a resumed run continues up to it)")
-    steps_per_night: int | None = Field(default=None, ge=1, description="nightly: raise `steps` by this much each run")
+    run_id: str = Field(
+        default="nightly", description="checkpoints live under runs/<run_id>/; same id = resume"
+    )
+    steps: int = Field(
+        default=600,
+        ge=1,
+        description="total optimizer steps of the run (a resumed run continues up to it)",
+    )
+    steps_per_night: int | None = Field(
+        default=None, ge=1, description="nightly: raise `steps` by this much each run"
+    )
     batch_size: int = Field(default=64, ge=1, description="per worker")
     lr: float = Field(default=2e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
@@ -111,7 +134,9 @@ class TrainConfig(_Frozen):
     @classmethod
     def _run_id(cls, v: str) -> str:
         if not _RUN_ID.match(v):
-            raise ValueError(f"run_id {v!r} must be 1-64 characters of letters, digits, '.', '_' or '-'")
+            raise ValueError(
+                f"run_id {v!r} must be 1-64 characters of letters, digits, '.', '_' or '-'"
+            )
         return v
 
 
@@ -123,7 +148,9 @@ class SampleConfig(_Frozen):
     eta: float = Field(default=0.0, ge=0.0)
     guidance_scale: float = Field(default=1.0, ge=0.0)
     seed_start: int = Field(default=0, ge=0, description="image i gets seed seed_start + i")
-    images_per_task: int = Field(default=128, ge=1, description="one Ray task and one output shard per range")
+    images_per_task: int = Field(
+        default=128, ge=1, description="one Ray task and one output shard per range"
+    )
     batch_size: int = Field(default=64, ge=1)
     use_gpu: bool = False
     cpus_per_task: float = Field(default=1.0, gt=0)
@@ -154,8 +181,13 @@ class PromoteConfig(_Frozen):
 
 
 class RayConfig(_Frozen):
-    address: str | None = Field(default=None, description="Ray cluster address; defaults to $RAY_ADDRESS, else a local cluster")
-    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local cluster (None = all)")
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster address; defaults to $RAY_ADDRESS, else a local cluster",
+    )
+    num_cpus: int | None = Field(
+        default=None, ge=1, description="CPUs of a local cluster (None = all)"
+    )
 
 
 class PipelineConfig(_Frozen):
@@ -205,7 +237,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_override(item: str) -> tuple[str, Any]:
     """`train.steps=100` -> ("train.steps", 100); the value is parsed as YAML (numbers, lists, null)."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.steps=100")
+        raise ConfigError(
+            f"override {item!r} must look like section.field=value, e.g. train.steps=100"
+        )
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
@@ -213,7 +247,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, yaml.safe_load(raw) if raw.strip() else raw
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> PipelineConfig:
     """Defaults < YAML file < `section.field=value` overrides, validated as one PipelineConfig."""
     tree: dict[str, Any] = {}
     source = "defaults"
@@ -223,7 +259,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(p)!r} not found")
         loaded = yaml.safe_load(p.read_text())
         if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}"
+            )
         tree = loaded or {}
         source = str(p)
     for item in overrides or []:

@@ -67,7 +67,9 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 def _mnist_like(name: str, folder_name: str, cfg: DataConfig, class_names: list[str]) -> Source:
     if cfg.root is None:
-        raise ValueError(f"dataset {name!r} needs data.root: a folder holding {folder_name}/raw/ (torchvision's layout)")
+        raise ValueError(
+            f"dataset {name!r} needs data.root: a folder holding {folder_name}/raw/ (torchvision's layout)"
+        )
     root = Path(cfg.root).expanduser()
     prefix = "train" if cfg.source_split == "train" else "t10k"
     searched = [root / folder_name / "raw", root / folder_name, root]
@@ -83,7 +85,9 @@ def _mnist_like(name: str, folder_name: str, cfg: DataConfig, class_names: list[
 
         cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
         ds = cls(str(root), train=cfg.source_split == "train", download=True)
-        return Source(name, ds.data.numpy()[:, None], ds.targets.numpy().astype(np.int64), class_names)
+        return Source(
+            name, ds.data.numpy()[:, None], ds.targets.numpy().astype(np.int64), class_names
+        )
     raise FileNotFoundError(
         f"dataset {name!r}: no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz] in "
         f"{', '.join(str(p) for p in searched)}; place the files there or set data.download=true (needs network)"
@@ -94,15 +98,24 @@ def _cifar10(cfg: DataConfig) -> Source:
     import torchvision
 
     if cfg.root is None:
-        raise ValueError("dataset 'cifar10' needs data.root: the folder holding cifar-10-batches-py/")
+        raise ValueError(
+            "dataset 'cifar10' needs data.root: the folder holding cifar-10-batches-py/"
+        )
     # torchvision verifies the batch files' published md5 before it unpickles them.
     try:
-        ds = torchvision.datasets.CIFAR10(cfg.root, train=cfg.source_split == "train", download=cfg.download)
+        ds = torchvision.datasets.CIFAR10(
+            cfg.root, train=cfg.source_split == "train", download=cfg.download
+        )
     except RuntimeError as err:
         raise FileNotFoundError(
             f"dataset 'cifar10': {err} (looked in {cfg.root}/cifar-10-batches-py; set data.download=true when online)"
         ) from None
-    return Source("cifar10", ds.data.transpose(0, 3, 1, 2).copy(), np.asarray(ds.targets, dtype=np.int64), list(ds.classes))
+    return Source(
+        "cifar10",
+        ds.data.transpose(0, 3, 1, 2).copy(),
+        np.asarray(ds.targets, dtype=np.int64),
+        list(ds.classes),
+    )
 
 
 def _imagefolder(path: str, cfg: DataConfig) -> Source:
@@ -111,28 +124,36 @@ def _imagefolder(path: str, cfg: DataConfig) -> Source:
         raise FileNotFoundError(f"imagefolder {str(root)!r} is not a directory")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if not class_dirs:
-        raise ValueError(f"imagefolder {str(root)!r} has no class subfolders; put images in {root}/<class>/*.png")
+        raise ValueError(
+            f"imagefolder {str(root)!r} has no class subfolders; put images in {root}/<class>/*.png"
+        )
     images, labels = [], []
     for label, cdir in enumerate(class_dirs):
         for f in sorted(cdir.rglob("*")):
             if f.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
             try:
-                with Image.open(f) as im:
-                    im = im.convert("RGB")
-                    if cfg.image_size is not None:
-                        im = im.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
-                    images.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+                with Image.open(f) as opened:
+                    rgb = opened.convert("RGB")
+                if cfg.image_size is not None:
+                    rgb = rgb.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
+                images.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
             except OSError as err:
-                raise ValueError(f"imagefolder: cannot decode {f}: {err}; remove or fix the file") from None
+                raise ValueError(
+                    f"imagefolder: cannot decode {f}: {err}; remove or fix the file"
+                ) from None
             labels.append(label)
     if not images:
         raise ValueError(f"imagefolder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"imagefolder {str(root)!r} has images of several sizes {sorted(shapes)[:3]}...; set data.image_size")
+        raise ValueError(
+            f"imagefolder {str(root)!r} has images of several sizes {sorted(shapes)[:3]}...; set data.image_size"
+        )
     name = f"imagefolder-{root.name or 'root'}"
-    return Source(name, np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs])
+    return Source(
+        name, np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs]
+    )
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -155,7 +176,18 @@ def load_source(cfg: DataConfig) -> Source:
     elif name == "mnist":
         src = _mnist_like("mnist", "MNIST", cfg, [str(i) for i in range(10)])
     elif name == "fashion-mnist":
-        names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+        names = [
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ]
         src = _mnist_like("fashion-mnist", "FashionMNIST", cfg, names)
     elif name == "cifar10":
         src = _cifar10(cfg)
@@ -169,5 +201,7 @@ def load_source(cfg: DataConfig) -> Source:
     if cfg.image_size is not None:
         images = _resize(images, cfg.image_size)
     if images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"dataset {name!r} has non-square images {images.shape[-2:]}; set data.image_size")
+        raise ValueError(
+            f"dataset {name!r} has non-square images {images.shape[-2:]}; set data.image_size"
+        )
     return Source(src.name, images, labels, src.class_names)

@@ -439,7 +439,7 @@ def reference_features(
         log.info("reference stats from cache %s", store.url(key))
         return cached
 
-    images, _, _ = read_images_of(
+    images, _, _ = _read_images_checked(
         store, [s["key"] for s in holdout["shards"]], manifest["channels"], count
     )
     features = extract_features(images, extractor, cfg.batch_size, device)["2048"]
@@ -457,7 +457,7 @@ def reference_features(
     return ReferenceStats(key, stored, mu, sigma, count, computed=True)
 
 
-def read_images_of(
+def _read_images_checked(
     store: Store, keys: list[str], channels: int, limit: int | None
 ) -> tuple[np.ndarray, list[int | None], list[dict[str, Any]]]:
     """`read_images`, checking that the shards hold at least what the manifest promises."""
@@ -558,7 +558,7 @@ def evaluate_samples(
             "trained on this dataset"
         )
     channels = dataset_manifest["channels"]
-    images, _, _ = read_images_of(
+    images, _, _ = _read_images_checked(
         store,
         [s["key"] for s in samples_manifest["shards"]],
         channels,

@@ -36,33 +36,65 @@ def incomparable_reasons(new: dict[str, Any], current: dict[str, Any]) -> list[s
     return reasons
 
 
-def promote_if_better(store: Store, cfg: PromoteConfig, metrics: dict[str, Any], checkpoint_key: str) -> dict[str, Any]:
+def promote_if_better(
+    store: Store, cfg: PromoteConfig, metrics: dict[str, Any], checkpoint_key: str
+) -> dict[str, Any]:
     """Decide, record the decision in history, and promote when better. Returns the decision."""
     prefix = model_prefix(cfg.model_name)
     field = METRIC_FIELD[cfg.metric]
     if field not in metrics:
-        raise ValueError(f"promote.metric={cfg.metric!r} but the evaluation has no {field!r}; add it to evaluate.metrics")
+        raise ValueError(
+            f"promote.metric={cfg.metric!r} but the evaluation has no {field!r}; add it to evaluate.metrics"
+        )
     current = store.read_json_or_none(f"{prefix}/current.json")
     value = float(metrics[field])
     if current is None:
         promote, reason = True, "no model promoted yet"
     elif reasons := incomparable_reasons(metrics, current["metrics"]):
-        promote, reason = False, "not comparable with the promoted model (" + "; ".join(reasons) + ")"
+        promote, reason = (
+            False,
+            "not comparable with the promoted model (" + "; ".join(reasons) + ")",
+        )
     elif value < float(current["metrics"][field]):
-        promote, reason = True, f"{cfg.metric} {value:.4f} < promoted {float(current['metrics'][field]):.4f}"
+        promote, reason = (
+            True,
+            f"{cfg.metric} {value:.4f} < promoted {float(current['metrics'][field]):.4f}",
+        )
     else:
-        promote, reason = False, f"{cfg.metric} {value:.4f} is not better than promoted {float(current['metrics'][field]):.4f}"
+        promote, reason = (
+            False,
+            f"{cfg.metric} {value:.4f} is not better than promoted {float(current['metrics'][field]):.4f}",
+        )
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    decision = {"promoted": promote, "reason": reason, "metric": cfg.metric, "value": value,
-                "checkpoint_key": checkpoint_key, "decided_at": now, "model_name": cfg.model_name}
+    decision = {
+        "promoted": promote,
+        "reason": reason,
+        "metric": cfg.metric,
+        "value": value,
+        "checkpoint_key": checkpoint_key,
+        "decided_at": now,
+        "model_name": cfg.model_name,
+    }
     if promote:
         copy_key = f"{prefix}/{checkpoint_key.rsplit('/', 1)[-1]}"
         store.write_bytes(copy_key, store.read_bytes(checkpoint_key))
-        store.write_json(f"{prefix}/current.json", {"checkpoint_key": copy_key, "source_checkpoint_key": checkpoint_key,
-                                                     "metrics": metrics, "promoted_at": now})
+        store.write_json(
+            f"{prefix}/current.json",
+            {
+                "checkpoint_key": copy_key,
+                "source_checkpoint_key": checkpoint_key,
+                "metrics": metrics,
+                "promoted_at": now,
+            },
+        )
         decision["promoted_key"] = copy_key
     history = store.read_json_or_none(f"{prefix}/history.json") or []
     store.write_json(f"{prefix}/history.json", [*history, decision])
-    log.info("promotion of %s: %s (%s)", checkpoint_key, "PROMOTED" if promote else "kept current", reason)
+    log.info(
+        "promotion of %s: %s (%s)",
+        checkpoint_key,
+        "PROMOTED" if promote else "kept current",
+        reason,
+    )
     return decision

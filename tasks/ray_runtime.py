@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from tasks.config import RayConfig
 
@@ -25,14 +24,18 @@ def ensure_ray(cfg: RayConfig) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         # Only non-secret settings travel; credentials come from the cluster nodes' own environment
-        # or instance role (infra/README.md), never through Ray's runtime_env.
+        # or instance role (README: Ray cluster), never through Ray's runtime_env.
         env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
         import diffusion_core
         import tasks
 
-        modules = [str(Path(m.__file__).parent) for m in (diffusion_core, tasks)]
+        modules = [diffusion_core, tasks]  # Ray zips and uploads each package with the job
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, runtime_env={"py_modules": modules, "env_vars": env_vars}, log_to_driver=True)
+        ray.init(
+            address=address,
+            runtime_env={"py_modules": modules, "env_vars": env_vars},
+            log_to_driver=True,
+        )
     else:
         log.info("starting a local Ray cluster (num_cpus=%s)", cfg.num_cpus or "all")
         # Local workers inherit this process's environment (credentials included) from ray.init.

@@ -1,7 +1,7 @@
 """The nightly report: what each stage did, the evaluation, the promotion decision, in one Markdown file.
 
-    runs/<run_id>/nightly/<UTC stamp>/report.md and summary.json
-    runs/<run_id>/nightly/latest.json   -> the newest summary (written last)
+runs/<run_id>/nightly/<UTC stamp>/report.md and summary.json
+runs/<run_id>/nightly/latest.json   -> the newest summary (written last)
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
-def write_nightly_report(store: Store, run_id: str, summary: dict[str, Any], evaluation_md: str) -> dict[str, Any]:
+def write_nightly_report(
+    store: Store, run_id: str, summary: dict[str, Any], evaluation_md: str
+) -> dict[str, Any]:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     prefix = f"runs/{run_id}/nightly/{stamp}"
     m, d = summary["metrics"], summary["promotion"]
@@ -33,13 +35,21 @@ def write_nightly_report(store: Store, run_id: str, summary: dict[str, Any], eva
         "",
     ]
     if not m["extractor"]["standard"]:
-        lines += ["> **Warning:** this FID was computed with a non-standard feature extractor; it is NOT comparable "
-                  "with published FIDs, only with other runs using the same extractor weights "
-                  f"(sha256 `{m['extractor']['weights_sha256'][:16]}…`).", ""]
+        lines += [
+            "> **Warning:** this FID was computed with a non-standard feature extractor; it is NOT comparable "
+            "with published FIDs, only with other runs using the same extractor weights "
+            f"(sha256 `{m['extractor']['weights_sha256'][:16]}…`).",
+            "",
+        ]
     lines += ["---", "", evaluation_md]
     report_key = f"{prefix}/report.md"
     store.write_text(report_key, "\n".join(lines))
-    full = {**summary, "report_key": report_key, "report_url": store.url(report_key), "stamp": stamp}
+    full = {
+        **summary,
+        "report_key": report_key,
+        "report_url": store.url(report_key),
+        "stamp": stamp,
+    }
     store.write_json(f"{prefix}/summary.json", full)
     store.write_json(f"runs/{run_id}/nightly/latest.json", full)
     return full

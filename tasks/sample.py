@@ -35,7 +35,10 @@ SAMPLES_FORMAT = "diffusion-pipeline/samples@1"
 
 
 def seed_ranges(num_images: int, per_task: int, seed_start: int) -> list[tuple[int, int]]:
-    return [(s, min(s + per_task, seed_start + num_images)) for s in range(seed_start, seed_start + num_images, per_task)]
+    return [
+        (s, min(s + per_task, seed_start + num_images))
+        for s in range(seed_start, seed_start + num_images, per_task)
+    ]
 
 
 def label_for_seed(seed: int, num_classes: int) -> int:
@@ -45,26 +48,47 @@ def label_for_seed(seed: int, num_classes: int) -> int:
 
 def sample_set_prefix(run_id: str, step: int, cfg: SampleConfig) -> str:
     """Where a sample set lives; the name changes with every setting that changes the images."""
-    settings = {k: v for k, v in cfg.model_dump(mode="json").items() if k in
-                ("sampler", "steps", "spacing", "eta", "guidance_scale", "seed_start", "num_images", "use_ema", "bf16")}
+    settings = {
+        k: v
+        for k, v in cfg.model_dump(mode="json").items()
+        if k
+        in (
+            "sampler",
+            "steps",
+            "spacing",
+            "eta",
+            "guidance_scale",
+            "seed_start",
+            "num_images",
+            "use_ema",
+            "bf16",
+        )
+    }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     return f"runs/{run_id}/samples/step-{step:08d}-{cfg.sampler}-{cfg.steps}-{digest}"
 
 
-def load_denoiser_net(state: dict[str, Any], *, use_ema: bool, device: torch.device) -> tuple[UNet, dict[str, Any]]:
+def load_denoiser_net(
+    state: dict[str, Any], *, use_ema: bool, device: torch.device
+) -> tuple[UNet, dict[str, Any]]:
     config = state["config"]
     net = UNet(UNetConfig.from_dict(config["unet"]))
-    weights = state["ema"]["model"] if use_ema and "model" in state.get("ema", {}) else state["model"]
+    weights = (
+        state["ema"]["model"] if use_ema and "model" in state.get("ema", {}) else state["model"]
+    )
     net.load_state_dict(weights)
     return net.to(device).eval().requires_grad_(False), config
 
 
 @torch.inference_mode()
-def generate(net: UNet, config: dict[str, Any], seeds: list[int], cfg: SampleConfig, device: torch.device
-             ) -> tuple[np.ndarray, list[int | None]]:
+def generate(
+    net: UNet, config: dict[str, Any], seeds: list[int], cfg: SampleConfig, device: torch.device
+) -> tuple[np.ndarray, list[int | None]]:
     """Images for `seeds` as uint8 [N, C, H, W] and their labels (None when unconditional)."""
     model = config["model"]
-    alpha_bar = alpha_bar_from_betas(make_betas(model["schedule"], model["num_timesteps"])).to(device)
+    alpha_bar = alpha_bar_from_betas(make_betas(model["schedule"], model["num_timesteps"])).to(
+        device
+    )
     timesteps = make_timesteps(model["num_timesteps"], cfg.steps, cfg.spacing).to(device)
     ucfg = net.config
     shape = (ucfg.in_channels, ucfg.image_size, ucfg.image_size)
@@ -76,18 +100,38 @@ def generate(net: UNet, config: dict[str, Any], seeds: list[int], cfg: SampleCon
         y = None
         if ucfg.num_classes is not None:
             y = torch.tensor([label_for_seed(s, ucfg.num_classes) for s in chunk], device=device)
-        denoiser = make_eps_denoiser(net, alpha_bar=alpha_bar, prediction_type=model["prediction_type"],
-                                     class_labels=y, guidance_scale=cfg.guidance_scale, null_label=ucfg.num_classes)
+        denoiser = make_eps_denoiser(
+            net,
+            alpha_bar=alpha_bar,
+            prediction_type=model["prediction_type"],
+            class_labels=y,
+            guidance_scale=cfg.guidance_scale,
+            null_label=ucfg.num_classes,
+        )
         with autocast(device, enabled=cfg.bf16):
-            x = sample(cfg.sampler, denoiser, noise.randn(shape), timesteps, alpha_bar=alpha_bar, noise=noise, eta=cfg.eta)
+            x = sample(
+                cfg.sampler,
+                denoiser,
+                noise.randn(shape),
+                timesteps,
+                alpha_bar=alpha_bar,
+                noise=noise,
+                eta=cfg.eta,
+            )
         pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
         out.append(pixels)
         labels.extend(y.tolist() if y is not None else [None] * len(chunk))
     return np.concatenate(out), labels
 
 
-def sample_seed_range(storage: StorageConfig, checkpoint_key: str, cfg: SampleConfig, seed_start: int,
-                      seed_stop: int, shard_key: str) -> dict[str, Any]:
+def sample_seed_range(
+    storage: StorageConfig,
+    checkpoint_key: str,
+    cfg: SampleConfig,
+    seed_start: int,
+    seed_stop: int,
+    shard_key: str,
+) -> dict[str, Any]:
     """One unit of work: generate seeds [seed_start, seed_stop) and write their shard. Idempotent."""
     store = Store(storage)
     receipt_key = shard_key.removesuffix(".tar") + ".json"
@@ -100,8 +144,12 @@ def sample_seed_range(storage: StorageConfig, checkpoint_key: str, cfg: SampleCo
     seeds = list(range(seed_start, seed_stop))
     images, labels = generate(net, config, seeds, cfg, device)
     samples = (
-        {"__key__": f"{seed:010d}", "png": encode_png(img.transpose(1, 2, 0)),
-         "json": {"seed": seed, "label": label}, **({"cls": label} if label is not None else {})}
+        {
+            "__key__": f"{seed:010d}",
+            "png": encode_png(img.transpose(1, 2, 0)),
+            "json": {"seed": seed, "label": label},
+            **({"cls": label} if label is not None else {}),
+        }
         for seed, img, label in zip(seeds, images, labels, strict=True)
     )
     info = write_shard(store, shard_key, samples)
@@ -127,20 +175,41 @@ def sample_images(cfg: PipelineConfig, checkpoint_key: str) -> dict[str, Any]:
     import ray
 
     remote = ray.remote(sample_seed_range).options(
-        num_cpus=sc.cpus_per_task, num_gpus=1 if sc.use_gpu else 0, max_retries=3,
+        num_cpus=sc.cpus_per_task,
+        num_gpus=1 if sc.use_gpu else 0,
+        max_retries=3,
         retry_exceptions=[ConnectionError, TimeoutError],
     )
     ranges = seed_ranges(sc.num_images, sc.images_per_task, sc.seed_start)
-    refs = [remote.remote(store.config, checkpoint_key, sc, a, b, f"{prefix}/shard-{n:06d}.tar")
-            for n, (a, b) in enumerate(ranges)]
+    refs = [
+        remote.remote(store.config, checkpoint_key, sc, a, b, f"{prefix}/shard-{n:06d}.tar")
+        for n, (a, b) in enumerate(ranges)
+    ]
     shards = ray.get(refs)
     reused = sum(s.pop("reused") for s in shards)
-    log.info("sampled %d images in %d shards (%d reused) -> %s", sc.num_images, len(shards), reused, store.url(prefix))
+    log.info(
+        "sampled %d images in %d shards (%d reused) -> %s",
+        sc.num_images,
+        len(shards),
+        reused,
+        store.url(prefix),
+    )
     manifest = {
-        "format": SAMPLES_FORMAT, "run_id": cfg.train.run_id, "checkpoint_key": checkpoint_key, "checkpoint_step": step,
-        "num_images": sc.num_images, "sampler": sc.sampler, "steps": sc.steps, "spacing": sc.spacing, "eta": sc.eta,
-        "guidance_scale": sc.guidance_scale, "use_ema": sc.use_ema, "image_size": ucfg["image_size"],
-        "channels": ucfg["in_channels"], "shards": shards, "config": sc.model_dump(mode="json"),
+        "format": SAMPLES_FORMAT,
+        "run_id": cfg.train.run_id,
+        "checkpoint_key": checkpoint_key,
+        "checkpoint_step": step,
+        "num_images": sc.num_images,
+        "sampler": sc.sampler,
+        "steps": sc.steps,
+        "spacing": sc.spacing,
+        "eta": sc.eta,
+        "guidance_scale": sc.guidance_scale,
+        "use_ema": sc.use_ema,
+        "image_size": ucfg["image_size"],
+        "channels": ucfg["in_channels"],
+        "shards": shards,
+        "config": sc.model_dump(mode="json"),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     store.write_json(manifest_key, manifest)

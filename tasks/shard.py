@@ -39,7 +39,9 @@ def shard_fingerprint(source_fingerprint: str, cfg: DataConfig) -> str:
 def split_indices(n: int, holdout_fraction: float, seed: int) -> dict[str, np.ndarray]:
     """A seeded permutation cut into holdout (at least one image) and train (at least one image)."""
     if n < 2:
-        raise ValueError(f"dataset has {n} image(s); at least 2 are needed for a train and a holdout split")
+        raise ValueError(
+            f"dataset has {n} image(s); at least 2 are needed for a train and a holdout split"
+        )
     order = np.random.default_rng(seed).permutation(n)
     n_holdout = min(max(1, round(n * holdout_fraction)), n - 1)
     return {"holdout": np.sort(order[:n_holdout]), "train": np.sort(order[n_holdout:])}
@@ -67,12 +69,18 @@ def verify_manifest(store: Store, manifest: dict[str, Any]) -> list[str]:
     return bad
 
 
-def _write_split(store: Store, prefix: str, split: str, src: Source, idx: np.ndarray, per_shard: int) -> dict[str, Any]:
+def _write_split(
+    store: Store, prefix: str, split: str, src: Source, idx: np.ndarray, per_shard: int
+) -> dict[str, Any]:
     shards = []
     for n, start in enumerate(range(0, len(idx), per_shard)):
         chunk = idx[start : start + per_shard]
         samples = (
-            {"__key__": f"{int(i):08d}", "png": encode_png(src.images[i].transpose(1, 2, 0)), "cls": int(src.labels[i])}
+            {
+                "__key__": f"{int(i):08d}",
+                "png": encode_png(src.images[i].transpose(1, 2, 0)),
+                "cls": int(src.labels[i]),
+            }
             for i in chunk
         )
         info = write_shard(store, f"{prefix}/{split}-{n:06d}.tar", samples)
@@ -93,12 +101,16 @@ def shard_dataset(cfg: DataConfig, store: Store) -> dict[str, Any]:
     manifest_key = f"{prefix}/manifest.json"
 
     existing = store.read_json_or_none(manifest_key)
-    if existing and existing.get("fingerprint") == fingerprint and _manifest_is_complete(store, existing):
+    if (
+        existing
+        and existing.get("fingerprint") == fingerprint
+        and _manifest_is_complete(store, existing)
+    ):
         log.info("reusing shards of %s (fingerprint %s)", store.url(prefix), fingerprint[:12])
         return {**existing, "manifest_key": manifest_key, "reused": True}
 
     splits = split_indices(len(src.images), cfg.holdout_fraction, cfg.seed)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "dataset": src.name,
         "fingerprint": fingerprint,
@@ -107,18 +119,27 @@ def shard_dataset(cfg: DataConfig, store: Store) -> dict[str, Any]:
         "channels": int(src.images.shape[1]),
         "num_classes": len(src.class_names),
         "class_names": src.class_names,
-        "splits": {s: _write_split(store, prefix, s, src, splits[s], cfg.samples_per_shard) for s in SPLITS},
+        "splits": {
+            s: _write_split(store, prefix, s, src, splits[s], cfg.samples_per_shard) for s in SPLITS
+        },
         "config": cfg.model_dump(mode="json"),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     store.write_json(manifest_key, manifest)
-    log.info("sharded %s: %d train / %d holdout images -> %s", src.name, manifest["splits"]["train"]["count"],
-             manifest["splits"]["holdout"]["count"], store.url(prefix))
+    log.info(
+        "sharded %s: %d train / %d holdout images -> %s",
+        src.name,
+        manifest["splits"]["train"]["count"],
+        manifest["splits"]["holdout"]["count"],
+        store.url(prefix),
+    )
     return {**manifest, "manifest_key": manifest_key, "reused": False}
 
 
 def load_manifest(store: Store, manifest_key: str) -> dict[str, Any]:
     manifest = store.read_json(manifest_key)
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{store.url(manifest_key)} is not a dataset manifest (format {manifest.get('format')!r})")
+        raise ValueError(
+            f"{store.url(manifest_key)} is not a dataset manifest (format {manifest.get('format')!r})"
+        )
     return {**manifest, "manifest_key": manifest_key}

@@ -49,7 +49,11 @@ def resolve_storage(cfg: StorageConfig) -> StorageConfig:
     root = cfg.root
     if "://" not in root:
         root = Path(root).expanduser().resolve().as_uri()
-    endpoint = cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        cfg.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     if not root.startswith("s3://"):
         endpoint = None
     return cfg.model_copy(update={"root": root, "endpoint_url": endpoint})

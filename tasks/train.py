@@ -21,7 +21,8 @@ from tasks.train_loop import TrainJob, read_latest, run_prefix, run_training
 log = logging.getLogger(__name__)
 
 
-def _train_loop_per_worker(job: TrainJob) -> None:
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    job: TrainJob = config["job"]
     import ray.train
     import ray.train.torch
 
@@ -49,20 +50,37 @@ def target_step(cfg: PipelineConfig, store: Store, *, nightly: bool) -> int:
     return cfg.train.steps
 
 
-def train(cfg: PipelineConfig, manifest: dict[str, Any], *, nightly: bool = False) -> dict[str, Any]:
+def train(
+    cfg: PipelineConfig, manifest: dict[str, Any], *, nightly: bool = False
+) -> dict[str, Any]:
     """Run (or resume) training to the target step; returns {"run_id", "step", "checkpoint_key", "resumed_from", ...}."""
     store = Store(cfg.storage)
     target = target_step(cfg, store, nightly=nightly)
     latest = read_latest(store, cfg.train.run_id)
     if latest is not None and latest["step"] >= target:
-        log.info("run %s is already at step %d (target %d): nothing to train", cfg.train.run_id, latest["step"], target)
-        return {"run_id": cfg.train.run_id, "step": latest["step"], "checkpoint_key": latest["key"],
-                "resumed_from": latest["step"], "trained_steps": 0}
+        log.info(
+            "run %s is already at step %d (target %d): nothing to train",
+            cfg.train.run_id,
+            latest["step"],
+            target,
+        )
+        return {
+            "run_id": cfg.train.run_id,
+            "step": latest["step"],
+            "checkpoint_key": latest["key"],
+            "resumed_from": latest["step"],
+            "trained_steps": 0,
+        }
 
     store.write_json(f"{run_prefix(cfg.train.run_id)}/config.json", cfg.model_dump(mode="json"))
-    job = TrainJob(storage=store.config, model=cfg.model, train=cfg.train, target_step=target,
-                   manifest={k: v for k, v in manifest.items() if k != "reused"},
-                   pipeline_config=cfg.model_dump(mode="json"))
+    job = TrainJob(
+        storage=store.config,
+        model=cfg.model,
+        train=cfg.train,
+        target_step=target,
+        manifest={k: v for k, v in manifest.items() if k != "reused"},
+        pipeline_config=cfg.model_dump(mode="json"),
+    )
 
     ensure_ray(cfg.ray)
     from ray.train import RunConfig, ScalingConfig
@@ -74,16 +92,27 @@ def train(cfg: PipelineConfig, manifest: dict[str, Any], *, nightly: bool = Fals
         resources["GPU"] = 1
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config=job,
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        train_loop_config={"job": job},
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+        ),
         # Ray's own storage only holds its run metadata; our checkpoints live in the object store.
-        run_config=RunConfig(name=f"{tc.run_id}-{target}", storage_path=tempfile.mkdtemp(prefix="diffpipe-ray-")),
+        run_config=RunConfig(
+            name=f"{tc.run_id}-{target}", storage_path=tempfile.mkdtemp(prefix="diffpipe-ray-")
+        ),
     )
     result = trainer.fit()
     final = read_latest(store, tc.run_id)
     if final is None or final["step"] != target:
-        raise RuntimeError(f"training of run {tc.run_id} ended without a checkpoint at step {target} (latest: {final})")
+        raise RuntimeError(
+            f"training of run {tc.run_id} ended without a checkpoint at step {target} (latest: {final})"
+        )
     start = latest["step"] if latest else 0
-    return {"run_id": tc.run_id, "step": target, "checkpoint_key": final["key"],
-            "resumed_from": latest["step"] if latest else None, "trained_steps": target - start,
-            "metrics": dict(result.metrics or {})}
+    return {
+        "run_id": tc.run_id,
+        "step": target,
+        "checkpoint_key": final["key"],
+        "resumed_from": latest["step"] if latest else None,
+        "trained_steps": target - start,
+        "metrics": dict(result.metrics or {}),
+    }

@@ -66,7 +66,9 @@ def unet_config_for(model: ModelConfig, manifest: dict[str, Any]) -> UNetConfig:
 
 
 # -- data ---------------------------------------------------------------------------------------
-def shards_for_rank(shards: list[dict[str, Any]], rank: int, world_size: int, epoch: int, seed: int) -> list[dict[str, Any]]:
+def shards_for_rank(
+    shards: list[dict[str, Any]], rank: int, world_size: int, epoch: int, seed: int
+) -> list[dict[str, Any]]:
     """This rank's shards for one epoch: a seeded shuffle dealt round-robin.
 
     With fewer shards than ranks, ranks share shards (rank r reads shard r mod n), so no rank is
@@ -81,8 +83,16 @@ def shards_for_rank(shards: list[dict[str, Any]], rank: int, world_size: int, ep
     return [order[rank % len(order)]]
 
 
-def stream_samples(store: Store, shards: list[dict[str, Any]], rank: int, world_size: int, *, seed: int,
-                   shuffle_buffer: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+def stream_samples(
+    store: Store,
+    shards: list[dict[str, Any]],
+    rank: int,
+    world_size: int,
+    *,
+    seed: int,
+    shuffle_buffer: int,
+    skip: int = 0,
+) -> Iterator[dict[str, Any]]:
     """Endless raw samples for one rank, shuffled with a per-(epoch, rank) seed; the first `skip` are dropped.
 
     Whole epochs are skipped from the manifest's counts without reading; inside an epoch the skipped
@@ -116,8 +126,9 @@ def stream_samples(store: Store, shards: list[dict[str, Any]], rank: int, world_
             yield from emit(sample)
 
 
-def batches(samples: Iterator[dict[str, Any]], batch_size: int, channels: int, device: torch.device
-            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    samples: Iterator[dict[str, Any]], batch_size: int, channels: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Raw samples -> (x0 float32 [B, C, H, W] in [-1, 1], labels int64 [B])."""
     while True:
         images, labels = [], []
@@ -150,14 +161,22 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
-def run_training(job: TrainJob, *, rank: int = 0, world_size: int = 1, device: torch.device | None = None,
-                 wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-                 report: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_training(
+    job: TrainJob,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    report: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Train up to `job.target_step`, resuming from the latest checkpoint; returns a summary (rank 0 saves)."""
     device = device or torch.device("cpu")
     tc, store = job.train, Store(job.storage)
     unet_cfg = unet_config_for(job.model, job.manifest)
-    alpha_bar = alpha_bar_from_betas(make_betas(job.model.schedule, job.model.num_timesteps)).to(device)
+    alpha_bar = alpha_bar_from_betas(make_betas(job.model.schedule, job.model.num_timesteps)).to(
+        device
+    )
 
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     net = UNet(unet_cfg).to(device)
@@ -175,15 +194,26 @@ def run_training(job: TrainJob, *, rank: int = 0, world_size: int = 1, device: t
         opt.load_state_dict(state["optimizer"])
         start_step = resumed_from = int(state["step"])
         if rank == 0:
-            log.info("resuming run %s from step %d (%s)", tc.run_id, start_step, store.url(latest["key"]))
+            log.info(
+                "resuming run %s from step %d (%s)", tc.run_id, start_step, store.url(latest["key"])
+            )
 
-    model = wrap_model(net) if wrap_model else net
+    model: Callable[..., torch.Tensor] = wrap_model(net) if wrap_model else net
     if tc.compile:
         model = torch.compile(model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, tc.warmup_steps), last_epoch=start_step - 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _lr_factor(s, tc.warmup_steps), last_epoch=start_step - 1
+    )
 
-    samples = stream_samples(store, job.manifest["splits"]["train"]["shards"], rank, world_size,
-                             seed=tc.seed, shuffle_buffer=tc.shuffle_buffer, skip=start_step * tc.batch_size)
+    samples = stream_samples(
+        store,
+        job.manifest["splits"]["train"]["shards"],
+        rank,
+        world_size,
+        seed=tc.seed,
+        shuffle_buffer=tc.shuffle_buffer,
+        skip=start_step * tc.batch_size,
+    )
     data = batches(samples, tc.batch_size, job.manifest["channels"], device)
     null_label = unet_cfg.num_classes if unet_cfg.num_classes is not None else None
 
@@ -194,12 +224,20 @@ def run_training(job: TrainJob, *, rank: int = 0, world_size: int = 1, device: t
             x0 = x0.contiguous(memory_format=torch.channels_last)
         step_seed = _step_seed(tc.seed, rank, step)
         torch.manual_seed(step_seed)  # dropout masks
-        gen = torch.Generator(device=device).manual_seed(step_seed)  # timesteps, noise, label dropout
+        gen = torch.Generator(device=device).manual_seed(
+            step_seed
+        )  # timesteps, noise, label dropout
         with autocast(device, enabled=tc.bf16):
             loss = training_loss(
-                model, x0, labels if null_label is not None else None, alpha_bar=alpha_bar,
-                prediction_type=job.model.prediction_type, generator=gen, min_snr_gamma=tc.min_snr_gamma,
-                label_dropout=tc.label_dropout if null_label is not None else 0.0, null_label=null_label,
+                model,
+                x0,
+                labels if null_label is not None else None,
+                alpha_bar=alpha_bar,
+                prediction_type=job.model.prediction_type,
+                generator=gen,
+                min_snr_gamma=tc.min_snr_gamma,
+                label_dropout=tc.label_dropout if null_label is not None else 0.0,
+                null_label=null_label,
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -219,9 +257,20 @@ def run_training(job: TrainJob, *, rank: int = 0, world_size: int = 1, device: t
             losses.clear()
             rate = tc.log_every * tc.batch_size * world_size / max(time.perf_counter() - t0, 1e-9)
             t0 = time.perf_counter()
-            metrics = {"step": done, "loss": float(mean_loss), "images_per_s": rate, "lr": sched.get_last_lr()[0]}
+            metrics = {
+                "step": done,
+                "loss": float(mean_loss),
+                "images_per_s": rate,
+                "lr": sched.get_last_lr()[0],
+            }
             if rank == 0:
-                log.info("step %d/%d loss %.4f (%.0f img/s)", done, job.target_step, metrics["loss"], rate)
+                log.info(
+                    "step %d/%d loss %.4f (%.0f img/s)",
+                    done,
+                    job.target_step,
+                    metrics["loss"],
+                    rate,
+                )
             if report:
                 report(metrics)
         if rank == 0 and (done % tc.checkpoint_every == 0 or done == job.target_step):
@@ -229,27 +278,53 @@ def run_training(job: TrainJob, *, rank: int = 0, world_size: int = 1, device: t
     if world_size > 1:
         dist.barrier()  # no rank returns before rank 0's last checkpoint is committed
     final = read_latest(store, tc.run_id)
-    return {"run_id": tc.run_id, "step": job.target_step, "resumed_from": resumed_from,
-            "checkpoint_key": final["key"] if final else None, "loss": float(losses[-1]) if losses else math.nan}
+    return {
+        "run_id": tc.run_id,
+        "step": job.target_step,
+        "resumed_from": resumed_from,
+        "checkpoint_key": final["key"] if final else None,
+        "loss": float(losses[-1]) if losses else math.nan,
+    }
 
 
-def save_run_checkpoint(store: Store, job: TrainJob, unet_cfg: UNetConfig, net: torch.nn.Module, ema: EMA,
-                        opt: torch.optim.Optimizer, step: int) -> str:
+def save_run_checkpoint(
+    store: Store,
+    job: TrainJob,
+    unet_cfg: UNetConfig,
+    net: torch.nn.Module,
+    ema: EMA,
+    opt: torch.optim.Optimizer,
+    step: int,
+) -> str:
     """Checkpoint bytes first, then `latest.json`: a reader following latest never sees a partial one."""
     tc = job.train
     config = {
         "unet": unet_cfg.to_dict(),
         "model": job.model.model_dump(mode="json"),
-        "dataset": {k: job.manifest[k] for k in ("dataset", "fingerprint", "image_size", "channels", "num_classes")},
+        "dataset": {
+            k: job.manifest[k]
+            for k in ("dataset", "fingerprint", "image_size", "channels", "num_classes")
+        },
         "pipeline": job.pipeline_config,
     }
-    data = save_checkpoint({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                            "step": step, "config": config})
+    data = save_checkpoint(
+        {
+            "model": net.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "config": config,
+        }
+    )
     key = checkpoint_key(tc.run_id, step)
     store.write_bytes(key, data)
-    store.write_json(latest_key(tc.run_id), {"step": step, "key": key, "sha256": sha256_bytes(data)})
+    store.write_json(
+        latest_key(tc.run_id), {"step": step, "key": key, "sha256": sha256_bytes(data)}
+    )
     log.info("checkpoint step %d -> %s", step, store.url(key))
-    kept = sorted(k for k in store.list(f"{run_prefix(tc.run_id)}/checkpoints") if k.endswith(".pt"))
+    kept = sorted(
+        k for k in store.list(f"{run_prefix(tc.run_id)}/checkpoints") if k.endswith(".pt")
+    )
     for old in kept[: -tc.keep_checkpoints]:
         store.delete(old)
     return key

@@ -67,8 +67,7 @@ def encode_png(image: np.ndarray) -> bytes:
 def decode_png(data: bytes, channels: int) -> np.ndarray:
     """PNG bytes -> uint8 [C, H, W] with the requested channel count (1 = grayscale, 3 = RGB)."""
     with Image.open(io.BytesIO(data)) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
@@ -81,7 +80,9 @@ def write_shard(store: Store, key: str, samples: Iterable[dict[str, Any]]) -> Sh
             for sample in samples:
                 extra = set(sample) - ALLOWED_MEMBERS - {"__key__"}
                 if extra:
-                    raise ValueError(f"sample {sample.get('__key__')!r} has members {sorted(extra)}; allowed: {sorted(ALLOWED_MEMBERS)}")
+                    raise ValueError(
+                        f"sample {sample.get('__key__')!r} has members {sorted(extra)}; allowed: {sorted(ALLOWED_MEMBERS)}"
+                    )
                 record: dict[str, Any] = {"__key__": sample["__key__"], "png": sample["png"]}
                 if "cls" in sample:
                     record["cls"] = str(int(sample["cls"])).encode()
@@ -107,10 +108,17 @@ def iter_raw_samples(store: Store, keys: list[str]) -> Iterator[dict[str, Any]]:
 def decode_sample(sample: dict[str, Any], channels: int) -> dict[str, Any]:
     """Raw webdataset sample -> {"key", "image": uint8 [C,H,W], "label": int|None, "meta": dict}."""
     if "png" not in sample:
-        raise ValueError(f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no png member")
+        raise ValueError(
+            f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no png member"
+        )
     label = int(sample["cls"]) if "cls" in sample else None
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    return {"key": sample["__key__"], "image": decode_png(sample["png"], channels), "label": label, "meta": meta}
+    return {
+        "key": sample["__key__"],
+        "image": decode_png(sample["png"], channels),
+        "label": label,
+        "meta": meta,
+    }
 
 
 def iter_images(store: Store, keys: list[str], channels: int) -> Iterator[dict[str, Any]]:
@@ -118,7 +126,9 @@ def iter_images(store: Store, keys: list[str], channels: int) -> Iterator[dict[s
         yield decode_sample(sample, channels)
 
 
-def read_images(store: Store, keys: list[str], channels: int, limit: int | None = None) -> tuple[np.ndarray, list[int | None], list[dict[str, Any]]]:
+def read_images(
+    store: Store, keys: list[str], channels: int, limit: int | None = None
+) -> tuple[np.ndarray, list[int | None], list[dict[str, Any]]]:
     """All images of `keys` (at most `limit`) as uint8 [N, C, H, W], with labels and per-sample meta."""
     images, labels, metas = [], [], []
     for s in iter_images(store, keys, channels):

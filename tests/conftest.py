@@ -47,8 +47,15 @@ def s3_endpoint():
     try:
         wait_for_port(port)
         endpoint = f"http://127.0.0.1:{port}"
-        saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-        os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+        saved = {
+            k: os.environ.get(k)
+            for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+        }
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         yield endpoint
         for k, v in saved.items():
             if v is None:
@@ -95,5 +102,7 @@ def mnist_root() -> Path:
     """The shared MNIST test set placed in torchvision's layout (<root>/MNIST/raw/)."""
     src = DATA_DIR / "mnist"
     if not (src / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"MNIST test data not found at {src} (set DIFFPIPE_TEST_DATA to the shared data folder)")
+        pytest.skip(
+            f"MNIST test data not found at {src} (set DIFFPIPE_TEST_DATA to the shared data folder)"
+        )
     return src

@@ -43,37 +43,67 @@ def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None
 def test_deployment_run_completes(tmp_path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
     env.pop("RAY_ADDRESS", None)
     logs = tmp_path / "logs"
     logs.mkdir()
-    server = subprocess.Popen([_exe("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT, cwd=tmp_path)
+    server = subprocess.Popen(
+        [_exe("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=open(logs / "server.log", "w"),  # noqa: SIM115 (lives as long as the process)
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     serve = None
     try:
         _wait_healthy(api, server)
         store = tmp_path / "artifacts"
         overrides = [f"storage.root={store}", *TINY, "train.num_workers=1", "ray.num_cpus=2"]
-        serve = subprocess.Popen([_exe("diffpipe"), "serve", *overrides], env=env, cwd=REPO,
-                                 stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            [_exe("diffpipe"), "serve", *overrides],
+            env=env,
+            cwd=REPO,
+            stdout=open(logs / "serve.log", "w"),  # noqa: SIM115 (lives as long as the process)
+            stderr=subprocess.STDOUT,
+        )
         # wait until the deployment is registered
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            ls = subprocess.run([_exe("prefect"), "deployment", "ls"], env=env, capture_output=True, text=True)
+            ls = subprocess.run(
+                [_exe("prefect"), "deployment", "ls"], env=env, capture_output=True, text=True
+            )
             if "nightly/nightly" in ls.stdout:
                 break
             assert serve.poll() is None, (logs / "serve.log").read_text()[-3000:]
             time.sleep(1)
         else:
-            pytest.fail("deployment nightly/nightly never registered:\n" + (logs / "serve.log").read_text()[-3000:])
+            pytest.fail(
+                "deployment nightly/nightly never registered:\n"
+                + (logs / "serve.log").read_text()[-3000:]
+            )
 
-        inspect = subprocess.run([_exe("prefect"), "deployment", "inspect", "nightly/nightly"], env=env,
-                                 capture_output=True, text=True, check=True)
+        inspect = subprocess.run(
+            [_exe("prefect"), "deployment", "inspect", "nightly/nightly"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         assert "0 2 * * *" in inspect.stdout  # the nightly cron schedule
 
-        run = subprocess.run([_exe("prefect"), "deployment", "run", "nightly/nightly", "--watch"], env=env,
-                             capture_output=True, text=True, timeout=600)
+        run = subprocess.run(
+            [_exe("prefect"), "deployment", "run", "nightly/nightly", "--watch"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         detail = run.stdout[-3000:] + run.stderr[-3000:] + (logs / "serve.log").read_text()[-5000:]
         assert run.returncode == 0, detail
         assert "Completed" in run.stdout, detail

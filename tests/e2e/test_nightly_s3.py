@@ -13,12 +13,25 @@ import pytest
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "data.max_images=400", "data.samples_per_shard=64",
-    "model.base_channels=16", "model.channel_mult=[1,2]", "model.attention_resolutions=[4]",
-    "train.steps=20", "train.steps_per_night=10", "train.checkpoint_every=10", "train.log_every=10",
-    "train.batch_size=16", "train.num_workers=2", "train.warmup_steps=5",
-    "sample.num_images=40", "sample.steps=10", "sample.images_per_task=20", "sample.batch_size=20",
-    "evaluate.metrics=[fid,kid]", "evaluate.kid_subset_size=20", "evaluate.grid_images=16",
+    "data.max_images=400",
+    "data.samples_per_shard=64",
+    "model.base_channels=16",
+    "model.channel_mult=[1,2]",
+    "model.attention_resolutions=[4]",
+    "train.steps=20",
+    "train.steps_per_night=10",
+    "train.checkpoint_every=10",
+    "train.log_every=10",
+    "train.batch_size=16",
+    "train.num_workers=2",
+    "train.warmup_steps=5",
+    "sample.num_images=40",
+    "sample.steps=10",
+    "sample.images_per_task=20",
+    "sample.batch_size=20",
+    "evaluate.metrics=[fid,kid]",
+    "evaluate.kid_subset_size=20",
+    "evaluate.grid_images=16",
 ]
 
 
@@ -47,7 +60,11 @@ def _sha256(endpoint: str, bucket: str, key: str) -> str:
 def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harness):
     from flows.nightly import nightly
 
-    overrides = [f"storage.root=s3://{s3_bucket}/pipeline", f"storage.endpoint_url={s3_endpoint}", *TINY]
+    overrides = [
+        f"storage.root=s3://{s3_bucket}/pipeline",
+        f"storage.endpoint_url={s3_endpoint}",
+        *TINY,
+    ]
     first = nightly(overrides=overrides)
 
     objects = _objects(s3_endpoint, s3_bucket)
@@ -55,10 +72,16 @@ def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harnes
     root = "pipeline/"
     manifest_key = root + first["manifest_key"]
     assert manifest_key in keys
-    manifest = json.loads(boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-                          .get_object(Bucket=s3_bucket, Key=manifest_key)["Body"].read())
+    manifest = json.loads(
+        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        .get_object(Bucket=s3_bucket, Key=manifest_key)["Body"]
+        .read()
+    )
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    assert len(manifest["splits"]["train"]["shards"]) >= 2 and manifest["splits"]["holdout"]["count"] > 0
+    assert (
+        len(manifest["splits"]["train"]["shards"]) >= 2
+        and manifest["splits"]["holdout"]["count"] > 0
+    )
     for shard in shards:  # every manifest checksum matches its object
         assert _sha256(s3_endpoint, s3_bucket, root + shard["key"]) == shard["sha256"], shard["key"]
 
@@ -84,11 +107,17 @@ def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harnes
     assert second["shards_reused"] is True
     after = _objects(s3_endpoint, s3_bucket)
     for shard in shards:  # reused, not rewritten
-        assert after[root + shard["key"]]["LastModified"] == objects[root + shard["key"]]["LastModified"]
+        assert (
+            after[root + shard["key"]]["LastModified"]
+            == objects[root + shard["key"]]["LastModified"]
+        )
         assert after[root + shard["key"]]["ETag"] == objects[root + shard["key"]]["ETag"]
     assert second["resumed_from"] == 20 and second["step"] == 30 and second["trained_steps"] == 10
     assert second["samples_key"] != first["samples_key"]  # new checkpoint, new sample set
     assert math.isfinite(second["metrics"]["fid"])
-    history = json.loads(boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-                         .get_object(Bucket=s3_bucket, Key=root + "models/default/history.json")["Body"].read())
+    history = json.loads(
+        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        .get_object(Bucket=s3_bucket, Key=root + "models/default/history.json")["Body"]
+        .read()
+    )
     assert len(history) == 2 and history[1]["checkpoint_key"] == second["checkpoint_key"]

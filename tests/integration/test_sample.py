@@ -16,7 +16,12 @@ from tasks.webdata import iter_raw_samples
 
 CFG = {
     "data": {"max_images": 80, "samples_per_shard": 40},
-    "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4], "class_conditional": True},
+    "model": {
+        "base_channels": 8,
+        "channel_mult": [1, 2],
+        "attention_resolutions": [4],
+        "class_conditional": True,
+    },
     "train": {"batch_size": 8, "checkpoint_every": 2, "log_every": 2, "steps": 2},
     "sample": {"num_images": 12, "steps": 4, "images_per_task": 5, "batch_size": 4},
 }
@@ -27,8 +32,16 @@ def checkpoint(tmp_path_factory):
     store = Store(StorageConfig(root=str(tmp_path_factory.mktemp("store"))))
     cfg = PipelineConfig.model_validate({**CFG, "storage": {"root": store.config.root}})
     manifest = shard_dataset(cfg.data, store)
-    out = run_training(TrainJob(storage=store.config, model=cfg.model, train=cfg.train, target_step=2,
-                                manifest=manifest, pipeline_config=cfg.model_dump(mode="json")))
+    out = run_training(
+        TrainJob(
+            storage=store.config,
+            model=cfg.model,
+            train=cfg.train,
+            target_step=2,
+            manifest=manifest,
+            pipeline_config=cfg.model_dump(mode="json"),
+        )
+    )
     return store, cfg, out["checkpoint_key"]
 
 
@@ -41,7 +54,9 @@ def test_same_seed_same_image_whatever_the_batch(checkpoint, sampler):
     store, _, ckpt = checkpoint
     by_batch = {}
     for bs in (1, 8):
-        sc = SampleConfig(sampler=sampler, steps=4, batch_size=bs, eta=1.0 if sampler == "ddim" else 0.0)
+        sc = SampleConfig(
+            sampler=sampler, steps=4, batch_size=bs, eta=1.0 if sampler == "ddim" else 0.0
+        )
         sample_seed_range(store.config, ckpt, sc, 3, 11, f"t/{sampler}-{bs}.tar")
         by_batch[bs] = _pngs(store, f"t/{sampler}-{bs}.tar")
     assert sorted(by_batch[1]) == list(range(3, 11))

@@ -24,9 +24,15 @@ def test_digits_to_s3_checksums_splits_and_reuse(s3_storage):
     assert verify_manifest(store, first) == []
 
     images, labels, _ = read_images(store, [s["key"] for s in holdout["shards"]], channels=1)
-    assert images.shape == (180, 1, 8, 8) and images.dtype == np.uint8 and set(labels) <= set(range(10))
+    assert (
+        images.shape == (180, 1, 8, 8)
+        and images.dtype == np.uint8
+        and set(labels) <= set(range(10))
+    )
 
-    stamps = {s["key"]: store.fs.info(store.path(s["key"]))["LastModified"] for s in train["shards"]}
+    stamps = {
+        s["key"]: store.fs.info(store.path(s["key"]))["LastModified"] for s in train["shards"]
+    }
     again = shard_dataset(cfg, store)
     assert again["reused"] and again["fingerprint"] == first["fingerprint"]
     assert stamps == {k: store.fs.info(store.path(k))["LastModified"] for k in stamps}
@@ -48,9 +54,14 @@ def test_tampered_shard_is_detected_and_rewritten(tmp_path):
 
 def test_mnist_from_shared_data(mnist_root, tmp_path):
     store = Store(StorageConfig(root=str(tmp_path)))
-    m = shard_dataset(DataConfig(dataset="mnist", root=str(mnist_root), source_split="test", max_images=1000), store)
+    m = shard_dataset(
+        DataConfig(dataset="mnist", root=str(mnist_root), source_split="test", max_images=1000),
+        store,
+    )
     assert m["image_size"] == 28 and m["splits"]["train"]["count"] == 900
-    images, _, _ = read_images(store, [s["key"] for s in m["splits"]["holdout"]["shards"]], channels=1)
+    images, _, _ = read_images(
+        store, [s["key"] for s in m["splits"]["holdout"]["shards"]], channels=1
+    )
     assert 20 < images.mean() < 50  # MNIST's mean pixel is 33.8
 
 
@@ -60,9 +71,13 @@ def test_imagefolder_and_its_errors(tmp_path):
     for cls in ("cats", "dogs"):
         (root / cls).mkdir(parents=True)
         for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(
+                root / cls / f"{i}.png"
+            )
     store = Store(StorageConfig(root=str(tmp_path / "store")))
-    m = shard_dataset(DataConfig(dataset=f"imagefolder:{root}", image_size=8, holdout_fraction=0.25), store)
+    m = shard_dataset(
+        DataConfig(dataset=f"imagefolder:{root}", image_size=8, holdout_fraction=0.25), store
+    )
     assert m["class_names"] == ["cats", "dogs"] and m["channels"] == 3 and m["image_size"] == 8
     assert m["splits"]["holdout"]["count"] == 3
 
@@ -75,4 +90,7 @@ def test_imagefolder_and_its_errors(tmp_path):
 
 def test_mnist_without_files_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match="download"):
-        shard_dataset(DataConfig(dataset="mnist", root=str(tmp_path)), Store(StorageConfig(root=str(tmp_path / "s"))))
+        shard_dataset(
+            DataConfig(dataset="mnist", root=str(tmp_path)),
+            Store(StorageConfig(root=str(tmp_path / "s"))),
+        )

@@ -14,16 +14,33 @@ from tasks.train_loop import TrainJob, read_latest, run_training, shards_for_ran
 
 SMALL = {
     "data": {"max_images": 120, "samples_per_shard": 32},
-    "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4], "dropout": 0.1},
-    "train": {"batch_size": 8, "checkpoint_every": 3, "log_every": 3, "warmup_steps": 2, "shuffle_buffer": 16,
-              "ema_warmup_steps": 2},
+    "model": {
+        "base_channels": 8,
+        "channel_mult": [1, 2],
+        "attention_resolutions": [4],
+        "dropout": 0.1,
+    },
+    "train": {
+        "batch_size": 8,
+        "checkpoint_every": 3,
+        "log_every": 3,
+        "warmup_steps": 2,
+        "shuffle_buffer": 16,
+        "ema_warmup_steps": 2,
+    },
 }
 
 
 def _job(store: Store, manifest: dict, target: int, run_id: str) -> TrainJob:
     cfg = PipelineConfig.model_validate({**SMALL, "train": {**SMALL["train"], "run_id": run_id}})
-    return TrainJob(storage=store.config, model=cfg.model, train=cfg.train, target_step=target,
-                    manifest=manifest, pipeline_config=cfg.model_dump(mode="json"))
+    return TrainJob(
+        storage=store.config,
+        model=cfg.model,
+        train=cfg.train,
+        target_step=target,
+        manifest=manifest,
+        pipeline_config=cfg.model_dump(mode="json"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +67,14 @@ def test_resume_is_exact(sharded):
             assert torch.equal(a[part][k], b[part][k]), k
     for k in a["ema"]["model"]:
         assert torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]), k
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+    for sa, sb in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
-    assert a["config"]["unet"]["image_size"] == 8 and a["config"]["dataset"]["fingerprint"] == manifest["fingerprint"]
+    assert (
+        a["config"]["unet"]["image_size"] == 8
+        and a["config"]["dataset"]["fingerprint"] == manifest["fingerprint"]
+    )
     # old checkpoints are pruned to keep_checkpoints, latest stays
     kept = [k for k in store.list("runs/straight/checkpoints") if k.endswith(".pt")]
     assert kept[-1].endswith("step-00000006.pt") and len(kept) <= 3

@@ -10,7 +10,9 @@ from tasks.config import ConfigError, PipelineConfig, load_config
 
 
 def test_defaults_round_trip_through_json_and_yaml(tmp_path):
-    cfg = load_config(None, ["train.steps=7", "model.channel_mult=[1,2,2]", "evaluate.metrics=[fid]"])
+    cfg = load_config(
+        None, ["train.steps=7", "model.channel_mult=[1,2,2]", "evaluate.metrics=[fid]"]
+    )
     assert PipelineConfig.model_validate(cfg.model_dump(mode="json")) == cfg
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
@@ -55,7 +57,9 @@ def test_override_syntax_and_missing_file(tmp_path):
 
 def test_cli_dry_run_prints_resolved_config_and_errors_exit_2():
     run = [sys.executable, "-m", "flows.cli"]
-    out = subprocess.run([*run, "nightly", "--dry-run", "train.steps=11"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [*run, "nightly", "--dry-run", "train.steps=11"], capture_output=True, text=True, check=True
+    )
     resolved = yaml.safe_load(out.stdout)
     assert resolved["train"]["steps"] == 11 and resolved["data"]["dataset"] == "digits"
     bad = subprocess.run([*run, "train", "train.lr=-1"], capture_output=True, text=True)

@@ -9,7 +9,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 FORBIDDEN = {
-    "diffusion_core": {"prefect", "ray", "tasks", "flows", "diffusers", "webdataset", "fsspec", "s3fs"},
+    "diffusion_core": {
+        "prefect",
+        "ray",
+        "tasks",
+        "flows",
+        "diffusers",
+        "webdataset",
+        "fsspec",
+        "s3fs",
+    },
     "tasks": {"prefect", "flows"},
 }
 
