@@ -472,16 +472,18 @@ def _now() -> str:
 
 
 # -- the task ------------------------------------------------------------------------------------
-def make_grid(images_uint8: np.ndarray, min_width: int = 256) -> np.ndarray:
+def make_grid(images_uint8: np.ndarray, min_width: int = 384) -> np.ndarray:
     """uint8 [N, C, H, W] -> uint8 [H', W', C] square grid, upscaled (nearest) to >= min_width."""
     n, c, h, w = images_uint8.shape
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)
+    pad = 1  # a gray line between cells: small images with dark borders would run together
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 96, dtype=np.uint8)
     for i, image in enumerate(images_uint8):
         r, col = divmod(i, cols)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image.transpose(1, 2, 0)
-    scale = max(1, math.ceil(min_width / (cols * w)))
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = image.transpose(1, 2, 0)
+    scale = max(1, math.ceil(min_width / grid.shape[1]))
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
