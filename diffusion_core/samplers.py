@@ -328,8 +328,10 @@ def make_eps_denoiser(
             assert class_labels is not None and null_label is not None
             x_t, t = torch.cat([x_t, x_t]), torch.cat([t, t])
             labels = torch.cat([class_labels, torch.full_like(class_labels, null_label)])
+        # Samplers step all images together: one timestep row, broadcast inside the network.
+        t_net = t[:1] if bool((t == t[0]).all()) else t
         with torch.no_grad():
-            pred = net(x_t.to(dtype), t, labels).to(torch.float64)
+            pred = net(x_t.to(dtype), t_net, labels).to(torch.float64)
         alpha_bar_t = alpha_bar.to(x_t.device)[t]
         eps, _ = to_eps_x0(pred, x_t, alpha_bar_t, prediction_type)
         if guide:

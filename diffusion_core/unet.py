@@ -206,17 +206,17 @@ class UNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         """Predict the diffusion target for noisy images.
 
-        x: `[B, C, H, W]` noisy images; t: `[B]` (or scalar) timesteps, long or float;
-        class_labels: `[B]` long in `[0, num_classes]` (`num_classes` = null label), or None,
-        which means the null label for a class-conditional net. Returns `[B, C, H, W]`.
+        x: `[B, C, H, W]` noisy images; t: `[B]` timesteps, long or float, or one timestep for
+        the whole batch (scalar or `[1]`: the embedding is then computed once and broadcast, as
+        samplers step all images together); class_labels: `[B]` long in `[0, num_classes]`
+        (`num_classes` = null label), or None, which means the null label for a class-conditional
+        net. Returns `[B, C, H, W]`.
         """
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels))
+        emb = self.time_mlp(timestep_embedding(t.reshape(-1), self.config.base_channels))
         if self.class_embed is not None:
             if class_labels is None:
-                class_labels = torch.full_like(
-                    t, self.class_embed.num_embeddings - 1, dtype=torch.long
+                class_labels = torch.full(
+                    (x.shape[0],), self.class_embed.num_embeddings - 1, device=x.device
                 )
             emb = emb + self.class_embed(class_labels)
         elif class_labels is not None:

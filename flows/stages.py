@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
 from tasks.config import PipelineConfig
-from tasks.evaluate import evaluate_samples
+from tasks.evaluate_ray import evaluate
 from tasks.promote import promote_if_better
 from tasks.sample import sample_images
 from tasks.shard import shard_dataset
@@ -68,10 +68,7 @@ def evaluate_task(
     cfg: PipelineConfig, manifest: dict[str, Any], samples: dict[str, Any]
 ) -> dict[str, Any]:
     store = Store(cfg.storage)
-    device = "cuda" if cfg.sample.use_gpu else "cpu"
-    metrics = evaluate_samples(
-        store, manifest, samples["manifest_key"], cfg.evaluate, eval_prefix(samples), device=device
-    )
+    metrics = evaluate(cfg, manifest, samples["manifest_key"], eval_prefix(samples))
     create_markdown_artifact(
         store.read_bytes(metrics["report_key"]).decode(),
         key="evaluation-report",

@@ -156,6 +156,8 @@ class SampleConfig(_Frozen):
     cpus_per_task: float = Field(default=1.0, gt=0)
     use_ema: bool = True
     bf16: bool = False
+    channels_last: bool = False
+    compile: bool = False
 
 
 class EvalConfig(_Frozen):
@@ -173,6 +175,10 @@ class EvalConfig(_Frozen):
     batch_size: int = Field(default=32, ge=1)
     kid_subset_size: int = Field(default=100, ge=2)
     grid_images: int = Field(default=64, ge=1)
+    use_gpu: bool = Field(
+        default=False, description="run the evaluation as a Ray task on a GPU worker"
+    )
+    cpus: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task")
 
 
 class PromoteConfig(_Frozen):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from diffusion_core.checkpoint import load_checkpoint
-from diffusion_core.perf import autocast
+from diffusion_core.perf import autocast, configure_model_for_device
 from diffusion_core.samplers import make_eps_denoiser, sample
 from diffusion_core.schedules import alpha_bar_from_betas, make_betas, make_timesteps
 from diffusion_core.seeding import ImageNoise
@@ -82,7 +82,11 @@ def load_denoiser_net(
 
 @torch.inference_mode()
 def generate(
-    net: UNet, config: dict[str, Any], seeds: list[int], cfg: SampleConfig, device: torch.device
+    net: torch.nn.Module,
+    config: dict[str, Any],
+    seeds: list[int],
+    cfg: SampleConfig,
+    device: torch.device,
 ) -> tuple[np.ndarray, list[int | None]]:
     """Images for `seeds` as uint8 [N, C, H, W] and their labels (None when unconditional)."""
     model = config["model"]
@@ -90,7 +94,7 @@ def generate(
         device
     )
     timesteps = make_timesteps(model["num_timesteps"], cfg.steps, cfg.spacing).to(device)
-    ucfg = net.config
+    ucfg = UNetConfig.from_dict(config["unet"])  # `net` may be a compiled wrapper
     shape = (ucfg.in_channels, ucfg.image_size, ucfg.image_size)
     out: list[np.ndarray] = []
     labels: list[int | None] = []
@@ -140,7 +144,12 @@ def sample_seed_range(
         return {**done, "reused": True}
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     state = load_checkpoint(store.read_bytes(checkpoint_key), map_location=device)
-    net, config = load_denoiser_net(state, use_ema=cfg.use_ema, device=device)
+    unet, config = load_denoiser_net(state, use_ema=cfg.use_ema, device=device)
+    net: torch.nn.Module = unet
+    if cfg.channels_last or cfg.compile:
+        net = configure_model_for_device(
+            net, device, channels_last=cfg.channels_last, compile=cfg.compile
+        )
     seeds = list(range(seed_start, seed_stop))
     images, labels = generate(net, config, seeds, cfg, device)
     samples = (

@@ -110,3 +110,25 @@ def test_gradient_reaches_every_parameter(net: UNet) -> None:
     missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()]
     # Embedding rows of unused classes get no gradient; the table as a whole must.
     assert missing == []
+
+
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_one_timestep_row_equals_a_full_batch_of_it(num_classes):
+    """Samplers pass one timestep row for the whole batch; it must equal the expanded [B] form."""
+    torch.manual_seed(0)
+    net = UNet(
+        UNetConfig(
+            image_size=8,
+            base_channels=16,
+            channel_mult=(1, 2),
+            attention_resolutions=(4,),
+            num_classes=num_classes,
+        )
+    ).eval()
+    torch.nn.init.normal_(net.conv_out.weight, std=0.05)
+    x = torch.randn(5, 1, 8, 8)
+    labels = torch.arange(5) if num_classes else None
+    full = net(x, torch.full((5,), 417), labels)
+    for t in (torch.tensor([417]), torch.tensor(417)):
+        torch.testing.assert_close(net(x, t, labels), full, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(net(x, torch.full((5,), 10), labels), full)
