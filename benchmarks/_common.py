@@ -6,6 +6,8 @@ import datetime as dt
 import platform
 import shlex
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,3 +89,20 @@ def write_results(name: str, title: str, device: str, body: str) -> Path:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def time_interleaved(
+    runs: dict[str, Callable[[], object]], *, reps: int, device: str
+) -> dict[str, list[float]]:
+    """Seconds per call of each run, alternating their order every repetition (ABBA), so that
+    machine noise (other processes, clocks) hits every contender alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    order = list(runs)
+    for rep in range(reps):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            sync(device)
+            start = time.perf_counter()
+            runs[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import n_params, sync, write_results  # noqa: E402
+from benchmarks._common import n_params, time_interleaved, write_results  # noqa: E402
 from diffusion_core.perf import autocast, configure_model_for_device  # noqa: E402
 from diffusion_core.samplers import make_eps_denoiser, sample_ddim  # noqa: E402
 from diffusion_core.schedules import alpha_bar_from_betas, linear_betas, make_timesteps  # noqa: E402
@@ -109,15 +108,7 @@ def main() -> None:
     if not torch.equal(scheduler.timesteps.cpu(), timesteps):
         raise SystemExit(f"timesteps differ: {scheduler.timesteps} vs {timesteps}")
 
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    order = list(runs)
-    for rep in range(args.reps):
-        for name in order if rep % 2 == 0 else order[::-1]:
-            sync(args.device)
-            start = time.perf_counter()
-            runs[name]()
-            sync(args.device)
-            times[name].append(time.perf_counter() - start)
+    times = time_interleaved(runs, reps=args.reps, device=args.device)
 
     ips = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
     ratio = ips["ours"] / ips["diffusers"]
@@ -145,7 +136,7 @@ def main() -> None:
             *(
                 f"| {names[n]} | {ips[n]:.1f} | {statistics.median(times[n]):.3f} "
                 f"| {min(times[n]):.3f} |"
-                for n in order
+                for n in runs
             ),
             "",
             f"**Ratio ours/diffusers: {ratio:.3f}**; max |difference| of the samples: "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import diffusers_unet, n_params, sync, write_results  # noqa: E402
+from benchmarks._common import diffusers_unet, n_params, time_interleaved, write_results  # noqa: E402
 from diffusion_core.perf import autocast, configure_model_for_device  # noqa: E402
 from diffusion_core.unet import UNet, UNetConfig  # noqa: E402
 
@@ -113,15 +112,7 @@ def main() -> None:
     for _ in range(args.warmup):
         for step in steps.values():
             step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    for rep in range(args.reps):
-        for name in order if rep % 2 == 0 else order[::-1]:
-            sync(args.device)
-            start = time.perf_counter()
-            steps[name]()
-            sync(args.device)
-            times[name].append(time.perf_counter() - start)
+    times = time_interleaved(steps, reps=args.reps, device=args.device)
 
     ips = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
     ratio = ips["ours"] / ips["diffusers"]
