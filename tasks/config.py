@@ -107,7 +107,9 @@ class TrainConfig(_Frozen):
         description="total optimizer steps of the run (a resumed run continues up to it)",
     )
     steps_per_night: int | None = Field(
-        default=None, ge=1, description="nightly: raise `steps` by this much each run"
+        default=600,
+        ge=1,
+        description="nightly: train this many steps past the latest checkpoint (at least up to `steps`); null = stop at `steps`",
     )
     batch_size: int = Field(default=64, ge=1, description="per worker")
     lr: float = Field(default=2e-3, gt=0)
