@@ -173,6 +173,11 @@ def sample_images(cfg: PipelineConfig, checkpoint_key: str) -> dict[str, Any]:
     sc = cfg.sample
     state = load_checkpoint(store.read_bytes(checkpoint_key))
     step, ucfg = int(state["step"]), state["config"]["unet"]
+    if sc.sampler == "heun" and state["config"]["model"]["schedule"] == "cosine":
+        log.warning(
+            "sampler 'heun' on the cosine schedule is very inaccurate at practical step counts "
+            "(it starts from sigma ~2e4; benchmarks/RESULTS.md): prefer ddim or dpmpp_2m"
+        )
     prefix = sample_set_prefix(cfg.train.run_id, step, sc)
     manifest_key = f"{prefix}/manifest.json"
     existing = store.read_json_or_none(manifest_key)
