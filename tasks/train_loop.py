@@ -217,7 +217,7 @@ def run_training(
     data = batches(samples, tc.batch_size, job.manifest["channels"], device)
     null_label = unet_cfg.num_classes if unet_cfg.num_classes is not None else None
 
-    step, t0, losses = start_step, time.perf_counter(), []
+    t0, losses, last_loss = time.perf_counter(), [], math.nan
     for step in range(start_step, job.target_step):
         x0, labels = next(data)
         if tc.channels_last:
@@ -255,6 +255,7 @@ def run_training(
                 dist.all_reduce(mean_loss)
                 mean_loss /= world_size
             losses.clear()
+            last_loss = float(mean_loss)
             rate = tc.log_every * tc.batch_size * world_size / max(time.perf_counter() - t0, 1e-9)
             t0 = time.perf_counter()
             metrics = {
@@ -283,7 +284,7 @@ def run_training(
         "step": job.target_step,
         "resumed_from": resumed_from,
         "checkpoint_key": final["key"] if final else None,
-        "loss": float(losses[-1]) if losses else math.nan,
+        "loss": last_loss,  # mean over the last logging window, all ranks
     }
 
 

@@ -3,6 +3,8 @@ code path the Ray workers run, world size 1), and every rank gets shards."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -59,6 +61,7 @@ def test_resume_is_exact(sharded):
     run_training(_job(store, manifest, 3, "resumed"))
     summary = run_training(_job(store, manifest, 6, "resumed"))
     assert summary["resumed_from"] == 3 and summary["step"] == 6
+    assert math.isfinite(summary["loss"]) and summary["loss"] > 0
 
     a, b = _state(store, "straight"), _state(store, "resumed")
     assert a["step"] == b["step"] == 6
