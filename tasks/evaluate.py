@@ -39,6 +39,8 @@ from tasks.inception import (  # noqa: F401 (re-exported: the extractor API belo
     load_extractor,
     resolve_extractor,
 )
+from tasks.sample import SAMPLES_FORMAT
+from tasks.shard import MANIFEST_FORMAT as DATASET_FORMAT
 from tasks.storage import Store
 from tasks.webdata import encode_png, read_images
 
@@ -46,8 +48,6 @@ log = logging.getLogger(__name__)
 
 KID_SUBSETS = 100
 ISC_SPLITS = 10
-SAMPLES_FORMAT = "diffusion-pipeline/samples@1"
-DATASET_FORMAT = "diffusion-pipeline/dataset@1"
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,8 @@ import functools
 import hashlib
 import io
 import logging
-import os
 import time
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 
 from tasks.config import EvalConfig
-from tasks.storage import Store
+from tasks.storage import Store, atomic_local_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +70,9 @@ def default_cache_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_local_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_local_file(path) as f:
+        f.write(data)
 
 
 def _download(url: str, dst: Path, timeout: float) -> None:
@@ -94,8 +82,8 @@ def _download(url: str, dst: Path, timeout: float) -> None:
     _write_local_atomic(dst, data)
 
 
-def _describe(path: Path, source: str) -> ExtractorInfo:
-    sha = _file_sha256(path)
+def _describe(path: Path, source: str, sha: str | None = None) -> ExtractorInfo:
+    sha = sha or sha256_file(path)
     standard = sha.startswith(STANDARD_SHA256_PREFIX)
     if standard:
         label = "inception-v3-compat (standard weights)"
@@ -138,27 +126,28 @@ def _fetch_configured(location: str, store: Store, cache: Path) -> tuple[Path, s
     return dst, location
 
 
-def _find_standard(store: Store, cache: Path, url: str) -> tuple[Path | None, str, str]:
-    """Standard weights from the local cache, the store or `url`: (path or None, source, reason)."""
+def _find_standard(store: Store, cache: Path, url: str) -> tuple[ExtractorInfo | None, str]:
+    """Standard weights from the local cache, the store or `url`: (extractor or None, reason)."""
     local = cache / STANDARD_FILENAME
-    if local.is_file() and _file_sha256(local).startswith(STANDARD_SHA256_PREFIX):
-        return local, str(local), ""
+    if local.is_file():
+        sha = sha256_file(local)
+        if sha.startswith(STANDARD_SHA256_PREFIX):
+            return _describe(local, str(local), sha), ""
     if store.exists(STANDARD_STORE_KEY):
         _write_local_atomic(local, store.read_bytes(STANDARD_STORE_KEY))
-        return local, store.url(STANDARD_STORE_KEY), ""
+        return _describe(local, store.url(STANDARD_STORE_KEY)), ""
     try:
         _download(url, local, DOWNLOAD_TIMEOUT_S)
     except OSError as err:  # URLError, timeouts, refused connections
-        return None, url, f"download of {url} failed: {err}"
-    if not _file_sha256(local).startswith(STANDARD_SHA256_PREFIX):
+        return None, f"download of {url} failed: {err}"
+    info = _describe(local, url)
+    if not info.standard:
         local.unlink()
-        return (
-            None,
-            url,
+        return None, (
             f"{url} did not serve the standard file "
-            f"(its sha256 does not start with {STANDARD_SHA256_PREFIX})",
+            f"(its sha256 does not start with {STANDARD_SHA256_PREFIX})"
         )
-    return local, url, ""
+    return info, ""
 
 
 def _missing_weights_message(reason: str, store: Store) -> str:
@@ -190,9 +179,9 @@ def resolve_extractor(
     cache = cache_dir or default_cache_dir()
     if cfg.inception_weights:
         return _describe(*_fetch_configured(cfg.inception_weights, store, cache))
-    path, source, reason = _find_standard(store, cache, standard_url)
-    if path is not None:
-        return _describe(path, source)
+    standard, reason = _find_standard(store, cache, standard_url)
+    if standard is not None:
+        return standard
     if cfg.on_missing_weights == "error":
         raise RuntimeError(_missing_weights_message(reason, store))
     log.warning(
@@ -294,7 +283,7 @@ def _standin(seed: int, store: Store, cache: Path) -> ExtractorInfo:
     known_sha = store.read_bytes(sha_key).decode().strip() if store.exists(sha_key) else None
     if known_sha:
         local = cache / f"inception-v3-standin-seed{seed}-{known_sha[:16]}.pth"
-        if local.is_file() and _file_sha256(local) == known_sha:
+        if local.is_file() and sha256_file(local) == known_sha:
             return _standin_info(local, known_sha, seed, store.url(key))
     if store.exists(key):
         data = store.read_bytes(key)

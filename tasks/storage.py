@@ -59,12 +59,42 @@ def resolve_storage(cfg: StorageConfig) -> StorageConfig:
     return cfg.model_copy(update={"root": root, "endpoint_url": endpoint})
 
 
+@contextlib.contextmanager
+def atomic_local_file(target: str | os.PathLike[str]) -> Iterator[IO[bytes]]:
+    """Write a local file atomically: a hidden temp file beside it, fsync'd, then `os.replace`.
+    Nothing is left behind when the block raises."""
+    directory, name = os.path.split(os.fspath(target))
+    os.makedirs(directory or ".", exist_ok=True)
+    tmp = os.path.join(directory, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+
+
+def sha256_stream(f: IO[bytes]) -> str:
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 20):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    with open(path, "rb") as f:
+        return sha256_stream(f)
+
+
 class Store:
     """Keys are '/'-separated paths below the configured root, e.g. `runs/nightly/checkpoints/latest.json`."""
 
     def __init__(self, cfg: StorageConfig):
         self.config = resolve_storage(cfg)
-        protocol, _, rest = self.config.root.partition("://")
+        protocol = self.config.root.partition("://")[0]
         self.protocol = protocol
         options: dict[str, Any] = {}
         if protocol == "s3":
@@ -138,11 +168,8 @@ class Store:
         return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith(".tmp-"))
 
     def sha256(self, key: str) -> str:
-        h = hashlib.sha256()
         with self.open_read(key) as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return h.hexdigest()
+            return sha256_stream(f)
 
     # -- atomic writes ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -150,18 +177,8 @@ class Store:
         """Write `key` atomically: visible whole after the block, absent if the block raises."""
         target = self.path(key)
         if self.is_local:
-            directory, name = os.path.split(target)
-            os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".tmp-{name}-{uuid.uuid4().hex[:8]}")
-            try:
-                with open(tmp, "wb") as f:
-                    yield f
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
+            with atomic_local_file(target) as f:
+                yield f
             return
         f = self.fs.open(target, "wb", autocommit=False)
         try:

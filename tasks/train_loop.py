@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import count
+from itertools import count, islice
 from typing import Any
 
 import numpy as np
@@ -105,25 +105,28 @@ def stream_samples(
             skip -= epoch_len
             continue
         rng = random.Random(f"{seed}-{epoch}-{rank}")
-        buf: list[dict[str, Any]] = []
+        yield from islice(
+            _shuffled(iter_raw_samples(store, [s["key"] for s in mine]), rng, shuffle_buffer),
+            skip,
+            None,
+        )
+        skip = 0
 
-        def emit(sample: dict[str, Any]) -> Iterator[dict[str, Any]]:
-            nonlocal skip
-            if skip:
-                skip -= 1
-            else:
-                yield sample
 
-        for sample in iter_raw_samples(store, [s["key"] for s in mine]):
-            if len(buf) < shuffle_buffer:
-                buf.append(sample)
-                continue
-            j = rng.randrange(len(buf))
-            buf[j], sample = sample, buf[j]
-            yield from emit(sample)
-        rng.shuffle(buf)
-        for sample in buf:
-            yield from emit(sample)
+def _shuffled(
+    samples: Iterator[dict[str, Any]], rng: random.Random, buffer: int
+) -> Iterator[dict[str, Any]]:
+    """Buffered shuffle (webdataset's approach, with our seeded rng so a resume replays it exactly)."""
+    buf: list[dict[str, Any]] = []
+    for sample in samples:
+        if len(buf) < buffer:
+            buf.append(sample)
+            continue
+        j = rng.randrange(len(buf))
+        buf[j], sample = sample, buf[j]
+        yield sample
+    rng.shuffle(buf)
+    yield from buf
 
 
 def batches(

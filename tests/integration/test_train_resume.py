@@ -93,6 +93,12 @@ def test_training_changes_weights_and_nothing_to_do_when_done(sharded):
     init = UNet(UNetConfig.from_dict(before["config"]["unet"])).state_dict()
     assert any(not torch.equal(init[k], before["model"][k]) for k in init)
 
+    latest = read_latest(store, "fresh")
+    stamp = store.fs.info(store.path(latest["key"]))["mtime"]
+    again = run_training(_job(store, manifest, 3, "fresh"))  # already there: no step, no write
+    assert again["resumed_from"] == 3 and read_latest(store, "fresh") == latest
+    assert store.fs.info(store.path(latest["key"]))["mtime"] == stamp
+
 
 @pytest.mark.parametrize("n_shards", [1, 2, 3, 5])
 @pytest.mark.parametrize("world", [1, 2, 4])
