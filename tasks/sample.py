@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffusion_core.checkpoint import load_checkpoint
+from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_core.perf import autocast, configure_model_for_device
 from diffusion_core.samplers import make_eps_denoiser, sample
 from diffusion_core.schedules import alpha_bar_from_betas, make_betas, make_timesteps
@@ -68,15 +68,18 @@ def sample_set_prefix(run_id: str, step: int, cfg: SampleConfig) -> str:
     return f"runs/{run_id}/samples/step-{step:08d}-{cfg.sampler}-{cfg.steps}-{digest}"
 
 
+def denoiser_weights(state: dict[str, Any], *, use_ema: bool) -> dict[str, torch.Tensor]:
+    """The weights to sample with: the EMA's when asked and present (a training checkpoint), else
+    `model` (also what a sampling weights file holds)."""
+    return state["ema"]["model"] if use_ema and "model" in state.get("ema", {}) else state["model"]
+
+
 def load_denoiser_net(
     state: dict[str, Any], *, use_ema: bool, device: torch.device
 ) -> tuple[UNet, dict[str, Any]]:
     config = state["config"]
     net = UNet(UNetConfig.from_dict(config["unet"]))
-    weights = (
-        state["ema"]["model"] if use_ema and "model" in state.get("ema", {}) else state["model"]
-    )
-    net.load_state_dict(weights)
+    net.load_state_dict(denoiser_weights(state, use_ema=use_ema))
     return net.to(device).eval().requires_grad_(False), config
 
 
@@ -130,20 +133,23 @@ def generate(
 
 def sample_seed_range(
     storage: StorageConfig,
-    checkpoint_key: str,
+    weights_key: str,
     cfg: SampleConfig,
     seed_start: int,
     seed_stop: int,
     shard_key: str,
 ) -> dict[str, Any]:
-    """One unit of work: generate seeds [seed_start, seed_stop) and write their shard. Idempotent."""
+    """One unit of work: generate seeds [seed_start, seed_stop) and write their shard. Idempotent.
+
+    `weights_key` is a sample set's `weights.pt` or a training checkpoint (EMA used per `cfg.use_ema`).
+    """
     store = Store(storage)
     receipt_key = shard_key.removesuffix(".tar") + ".json"
     done = store.read_json_or_none(receipt_key)
     if done is not None and store.exists(shard_key):
         return {**done, "reused": True}
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
-    state = load_checkpoint(store.read_bytes(checkpoint_key), map_location=device)
+    state = load_checkpoint(store.read_bytes(weights_key), map_location=device)
     unet, config = load_denoiser_net(state, use_ema=cfg.use_ema, device=device)
     net: torch.nn.Module = unet
     if cfg.channels_last or cfg.compile:
@@ -185,6 +191,16 @@ def sample_images(cfg: PipelineConfig, checkpoint_key: str) -> dict[str, Any]:
         log.info("sample set %s is complete: reusing it", store.url(prefix))
         return {**existing, "manifest_key": manifest_key, "reused": True}
 
+    # The tasks read only the weights they use: a training checkpoint also holds the raw model and
+    # AdamW's two moments (~4x the bytes), which every task would otherwise download.
+    weights_key = f"{prefix}/weights.pt"
+    if not store.exists(weights_key):
+        weights = denoiser_weights(state, use_ema=sc.use_ema)
+        store.write_bytes(
+            weights_key,
+            save_checkpoint({"model": weights, "step": step, "config": state["config"]}),
+        )
+
     ensure_ray(cfg.ray)
     import ray
 
@@ -196,7 +212,7 @@ def sample_images(cfg: PipelineConfig, checkpoint_key: str) -> dict[str, Any]:
     )
     ranges = seed_ranges(sc.num_images, sc.images_per_task, sc.seed_start)
     refs = [
-        remote.remote(store.config, checkpoint_key, sc, a, b, f"{prefix}/shard-{n:06d}.tar")
+        remote.remote(store.config, weights_key, sc, a, b, f"{prefix}/shard-{n:06d}.tar")
         for n, (a, b) in enumerate(ranges)
     ]
     shards = ray.get(refs)
@@ -213,6 +229,7 @@ def sample_images(cfg: PipelineConfig, checkpoint_key: str) -> dict[str, Any]:
         "run_id": cfg.train.run_id,
         "checkpoint_key": checkpoint_key,
         "checkpoint_step": step,
+        "weights_key": weights_key,
         "num_images": sc.num_images,
         "sampler": sc.sampler,
         "steps": sc.steps,

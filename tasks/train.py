@@ -41,10 +41,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     )
 
 
-def target_step(cfg: PipelineConfig, store: Store, *, nightly: bool) -> int:
-    """Where this run stops: `train.steps`, or for a nightly run with `steps_per_night`, that much past the latest."""
-    latest = read_latest(store, cfg.train.run_id)
-    done = latest["step"] if latest else 0
+def target_step(cfg: PipelineConfig, done: int, *, nightly: bool) -> int:
+    """Where this run stops: `train.steps`, or for a nightly run with `steps_per_night`, that much
+    past `done`, the step of the latest checkpoint."""
     if nightly and cfg.train.steps_per_night:
         return max(cfg.train.steps, done + cfg.train.steps_per_night)
     return cfg.train.steps
@@ -55,8 +54,8 @@ def train(
 ) -> dict[str, Any]:
     """Run (or resume) training to the target step; returns {"run_id", "step", "checkpoint_key", "resumed_from", ...}."""
     store = Store(cfg.storage)
-    target = target_step(cfg, store, nightly=nightly)
     latest = read_latest(store, cfg.train.run_id)
+    target = target_step(cfg, latest["step"] if latest else 0, nightly=nightly)
     if latest is not None and latest["step"] >= target:
         log.info(
             "run %s is already at step %d (target %d): nothing to train",
@@ -74,12 +73,10 @@ def train(
 
     store.write_json(f"{run_prefix(cfg.train.run_id)}/config.json", cfg.model_dump(mode="json"))
     job = TrainJob(
+        config=cfg,
         storage=store.config,
-        model=cfg.model,
-        train=cfg.train,
         target_step=target,
         manifest={k: v for k, v in manifest.items() if k != "reused"},
-        pipeline_config=cfg.model_dump(mode="json"),
     )
 
     ensure_ray(cfg.ray)

@@ -27,7 +27,7 @@ from diffusion_core.objectives import training_loss
 from diffusion_core.perf import autocast
 from diffusion_core.schedules import alpha_bar_from_betas, make_betas
 from diffusion_core.unet import UNet, UNetConfig
-from tasks.config import ModelConfig, StorageConfig, TrainConfig
+from tasks.config import ModelConfig, PipelineConfig, StorageConfig, TrainConfig
 from tasks.storage import Store, sha256_bytes
 from tasks.webdata import decode_sample, iter_raw_samples
 
@@ -146,14 +146,20 @@ def batches(
 # -- the loop -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything a rank needs, picklable for Ray: resolved configs and the dataset manifest."""
+    """Everything a rank needs, picklable for Ray: the config and the dataset manifest."""
 
-    storage: StorageConfig
-    model: ModelConfig
-    train: TrainConfig
+    config: PipelineConfig  # saved in every checkpoint, so the artifact carries its config
+    storage: StorageConfig  # config.storage resolved (absolute root, endpoint) for other processes
     target_step: int
     manifest: dict[str, Any]
-    pipeline_config: dict[str, Any]  # saved in checkpoints so every artifact carries its config
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.config.train
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -309,7 +315,7 @@ def save_run_checkpoint(
             k: job.manifest[k]
             for k in ("dataset", "fingerprint", "image_size", "channels", "num_classes")
         },
-        "pipeline": job.pipeline_config,
+        "pipeline": job.config.model_dump(mode="json"),
     }
     data = save_checkpoint(
         {

@@ -36,12 +36,10 @@ SMALL = {
 def _job(store: Store, manifest: dict, target: int, run_id: str) -> TrainJob:
     cfg = PipelineConfig.model_validate({**SMALL, "train": {**SMALL["train"], "run_id": run_id}})
     return TrainJob(
+        config=cfg,
         storage=store.config,
-        model=cfg.model,
-        train=cfg.train,
         target_step=target,
         manifest=manifest,
-        pipeline_config=cfg.model_dump(mode="json"),
     )
 
 
