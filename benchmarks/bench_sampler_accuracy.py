@@ -1,15 +1,20 @@
-"""Sampler accuracy per NFE on a closed-form distribution, relative to DDIM at the same NFE.
+"""Sampler accuracy per NFE on a closed-form distribution, relative to a reference in the same run.
 
 Data: the 4-dim Gaussian N(MU, SIGMA) of tests/unit/gaussian_oracle.py (eigenvalues 0.010 to
 1.93), denoised by its exact eps-denoiser, sampling started from the exact marginal at the first
-timestep: the only error left is each sampler's discretisation. Error = 2-Wasserstein (Frechet)
-distance between the output distribution and the data. Deterministic samplers' output moments
-are exact (affine probing, no Monte Carlo noise); DDPM's are Monte Carlo over --ddpm-samples
-images (noise floor ~ 1.5 / sqrt(N) in W2). NFE = steps, except Heun: 2 * steps - 1.
-Reference: DDIM (eta = 0) at the same NFE, run in the same process.
+timestep: the only error left is each sampler's discretisation. Two errors:
+- W2: the 2-Wasserstein (Frechet) distance between the output distribution and the data;
+- max std error: max over the 4 dimensions of |std of the output - std of the data|.
+Deterministic samplers' output moments are exact (affine probing, no Monte Carlo noise); DDPM's
+are Monte Carlo over --ddpm-samples images (noise floor ~ 1.5 / sqrt(N) in W2). NFE = steps,
+except Heun: 2 * steps - 1.
+
+Two tables per schedule:
+- every sampler at one spacing (--spacing), W2 relative to DDIM (eta = 0) at the same NFE;
+- every timestep spacing for the deterministic samplers, relative to "trailing" at the same NFE.
 
     uv run python benchmarks/bench_sampler_accuracy.py
-    uv run python benchmarks/bench_sampler_accuracy.py --spacing leading
+    uv run python benchmarks/bench_sampler_accuracy.py --spacing logsnr
 """
 
 from __future__ import annotations
@@ -18,12 +23,16 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import get_args
+
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import write_results  # noqa: E402
 from diffusion_core.samplers import SAMPLERS  # noqa: E402
 from diffusion_core.schedules import (  # noqa: E402
+    ScheduleKind,
     Spacing,
     alpha_bar_from_betas,
     make_betas,
@@ -31,6 +40,7 @@ from diffusion_core.schedules import (  # noqa: E402
 )
 from diffusion_core.seeding import ImageNoise  # noqa: E402
 from tests.unit.gaussian_oracle import (  # noqa: E402
+    SIGMA,
     exact_denoiser,
     exact_moments,
     initial_x,
@@ -41,6 +51,8 @@ from tests.unit.gaussian_oracle import (  # noqa: E402
 NUM_TIMESTEPS = 1000
 NFES = (5, 10, 20, 50, 100, 200)
 REFERENCE = "ddim"
+REFERENCE_SPACING: Spacing = "trailing"
+DETERMINISTIC = ("ddim", "dpmpp_2m", "heun")
 
 
 def steps_for(name: str, nfe: int) -> int:
@@ -52,20 +64,28 @@ def nfe_of(name: str, steps: int) -> int:
     return 2 * steps - 1 if name == "heun" else steps
 
 
-def error(name: str, steps: int, kind: str, spacing: Spacing, ddpm_samples: int) -> float:
-    alpha_bar = alpha_bar_from_betas(make_betas(kind, NUM_TIMESTEPS))  # type: ignore[arg-type]
-    timesteps = make_timesteps(NUM_TIMESTEPS, steps, spacing)
+def std_error(cov: Tensor) -> float:
+    """max_i |sqrt(C_ii) - sqrt(SIGMA_ii)|: the worst per-dimension error of the output's std."""
+    return float((cov.diagonal().sqrt() - SIGMA.diagonal().sqrt()).abs().max())
+
+
+def output_moments(
+    name: str, steps: int, kind: ScheduleKind, spacing: Spacing, ddpm_samples: int
+) -> tuple[Tensor, Tensor]:
+    """Mean [4] and covariance [4, 4] of the sampler's output: exact, or Monte Carlo for DDPM."""
+    alpha_bar = alpha_bar_from_betas(make_betas(kind, NUM_TIMESTEPS))
+    timesteps = make_timesteps(NUM_TIMESTEPS, steps, spacing, alpha_bar=alpha_bar)
     if name != "ddpm":
-        return w2_distance(*exact_moments(SAMPLERS[name], timesteps, alpha_bar))
+        return exact_moments(SAMPLERS[name], timesteps, alpha_bar)
     noise = ImageNoise(range(ddpm_samples))
     x = initial_x(float(alpha_bar[timesteps[0]]), noise)
     out = SAMPLERS["ddpm"](
         exact_denoiser(alpha_bar), x, timesteps, alpha_bar=alpha_bar, noise=noise
     )
-    return w2_distance(*moments(out))
+    return moments(out)
 
 
-def table(kind: str, spacing: Spacing, ddpm_samples: int) -> str:
+def sampler_table(kind: ScheduleKind, spacing: Spacing, ddpm_samples: int) -> str:
     names = list(SAMPLERS)
     head = "| NFE | " + " | ".join(f"{n} W2 (x {REFERENCE})" for n in names) + " |"
     lines = [head, "|" + "---|" * (len(names) + 1)]
@@ -74,33 +94,65 @@ def table(kind: str, spacing: Spacing, ddpm_samples: int) -> str:
         for name in names:
             steps = steps_for(name, nfe)
             actual = nfe_of(name, steps)
-            err = error(name, steps, kind, spacing, ddpm_samples)
-            ref = error(REFERENCE, actual, kind, spacing, ddpm_samples)
+            err = w2_distance(*output_moments(name, steps, kind, spacing, ddpm_samples))
+            ref = w2_distance(*output_moments(REFERENCE, actual, kind, spacing, ddpm_samples))
             tag = f" [{actual}]" if actual != nfe else ""
             cells.append(f"{err:.2e} (x{err / ref:.2f}){tag}")
         lines.append(f"| {nfe} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def spacing_table(kind: ScheduleKind) -> str:
+    spacings: tuple[Spacing, ...] = get_args(Spacing)
+    head = "| sampler | NFE | " + " | ".join(spacings) + " |"
+    lines = [head, "|" + "---|" * (len(spacings) + 2)]
+    for name in DETERMINISTIC:
+        for nfe in NFES:
+            steps = steps_for(name, nfe)
+            errors = {}
+            for spacing in spacings:
+                mean, cov = output_moments(name, steps, kind, spacing, ddpm_samples=0)
+                errors[spacing] = (std_error(cov), w2_distance(mean, cov))
+            ref_std, ref_w2 = errors[REFERENCE_SPACING]
+            cells = [
+                f"{std:.2e} (x{std / ref_std:.2f}) / {w2:.2e} (x{w2 / ref_w2:.2f})"
+                for std, w2 in errors.values()
+            ]
+            lines.append(f"| {name} | {nfe_of(name, steps)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--spacing", default="trailing", choices=["leading", "trailing", "linspace"])
+    p.add_argument("--spacing", default="trailing", choices=get_args(Spacing))
     p.add_argument("--ddpm-samples", type=int, default=4000)
     args = p.parse_args()
 
     start = time.perf_counter()
     sections = []
-    for kind in ("linear", "cosine"):
-        body = table(kind, args.spacing, args.ddpm_samples)
+    kinds: tuple[ScheduleKind, ...] = ("linear", "cosine")
+    for kind in kinds:
+        body = sampler_table(kind, args.spacing, args.ddpm_samples)
         section = f"## {kind} schedule, T = {NUM_TIMESTEPS}, {args.spacing} spacing\n\n{body}"
         print(section + "\n")
         sections.append(section)
+    for kind in kinds:
+        body = spacing_table(kind)
+        section = (
+            f"## {kind} schedule, T = {NUM_TIMESTEPS}: timestep spacings, max std error / W2\n\n"
+            f"{body}"
+        )
+        print(section + "\n")
+        sections.append(section)
     notes = (
-        "W2: 2-Wasserstein distance to the data N(MU, SIGMA) (lower is better); in brackets, "
-        f"the ratio to {REFERENCE.upper()} (eta = 0) at the same NFE measured in this run; [n]: "
-        "the NFE actually used when it differs (Heun: 2 steps - 1). DDPM: Monte Carlo over "
-        f"{args.ddpm_samples} images, noise floor ~{1.5 / args.ddpm_samples**0.5:.0e}; the "
-        f"others exact. Took {time.perf_counter() - start:.0f} s."
+        "W2: 2-Wasserstein distance to the data N(MU, SIGMA); max std error: max over the "
+        "dimensions of |std of the output - std of the data| (both lower is better). In brackets, "
+        f"the ratio to {REFERENCE.upper()} (eta = 0) at the same NFE and spacing (sampler "
+        f"tables), or to {REFERENCE_SPACING!r} spacing with the same sampler and NFE (spacing "
+        "tables), measured in this run; [n]: the NFE actually used when it differs (Heun: "
+        f"2 steps - 1). DDPM: Monte Carlo over {args.ddpm_samples} images, noise floor "
+        f"~{1.5 / args.ddpm_samples**0.5:.0e}; the others exact. Took "
+        f"{time.perf_counter() - start:.0f} s."
     )
     print(notes)
     path = write_results(

@@ -1,14 +1,18 @@
-"""Sample-quality metrics on extracted features: FID, KID and Inception Score.
+"""Sample-quality metrics on extracted features: Frechet distance, exact mergeable feature moments
+and KID.
 
-Pure maths on arrays: feature extraction (InceptionV3) and I/O live in `tasks/evaluate.py`.
-Conventions follow torch-fidelity (its defaults are the published reference implementations):
-features are [N, D] rows, statistics are computed in float64.
+Pure maths on arrays: feature extraction (InceptionV3) and I/O live in `tasks/`. Features are
+[N, D] rows, statistics are float64. On float64 features the results equal torch-fidelity's (the
+published reference implementations; `tests/unit/test_fid_math.py` holds them to 1e-6); each
+function says in one line why it is not torch-fidelity's own. The Inception Score has no such
+reason: use torch-fidelity's `metric_isc.isc_features_to_metric`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
-import torch
 
 
 def feature_moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -21,6 +25,55 @@ def feature_moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu = x.mean(axis=0)
     sigma = np.cov(x, rowvar=False)
     return mu, sigma
+
+
+@dataclass(frozen=True, eq=False)
+class FeatureMoments:
+    """Raw moments of a set of [N, D] features, float64: the row count, the sum of the rows [D]
+    and the sum of their outer products [D, D].
+
+    Moments of disjoint shards add up to the moments of their union, so the FID statistics of a
+    sample set split over workers or GPUs need no gathering of features: EDM's
+    `calculate_inception_stats` all-reduces exactly these two sums (Karras et al. 2022, fid.py).
+    ``mean_cov`` subtracts n mu mu^T from the outer-product sum, which costs the covariance about
+    log10(1 + mu^2 / variance) of float64's 16 digits: negligible unless |mu| >> std.
+    """
+
+    count: int
+    total: np.ndarray  # float64 [D], sum of the rows
+    outer_total: np.ndarray  # float64 [D, D], sum of x x^T over the rows
+
+    @classmethod
+    def from_features(cls, features: np.ndarray) -> FeatureMoments:
+        """Moments of [N, D] features (N >= 0; a shard may be empty)."""
+        if features.ndim != 2:
+            raise ValueError(f"FeatureMoments needs [N, D] features, got shape {features.shape}")
+        x = np.asarray(features, dtype=np.float64)
+        return cls(count=x.shape[0], total=x.sum(axis=0), outer_total=x.T @ x)
+
+    def merge(self, other: FeatureMoments) -> FeatureMoments:
+        """The moments of the union of both feature sets."""
+        if self.total.shape != other.total.shape:
+            raise ValueError(
+                f"cannot merge moments of {self.total.shape[0]}-dim features with "
+                f"{other.total.shape[0]}-dim ones; both must come from the same feature layer"
+            )
+        return FeatureMoments(
+            count=self.count + other.count,
+            total=self.total + other.total,
+            outer_total=self.outer_total + other.outer_total,
+        )
+
+    __add__ = merge
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mu float64 [D], sigma float64 [D, D]), sigma unbiased (ddof=1) as `feature_moments`."""
+        n = self.count
+        if n < 2:
+            raise ValueError(f"a covariance needs at least 2 features, these moments hold {n}")
+        mu = self.total / n
+        sigma = (self.outer_total - n * np.outer(mu, mu)) / (n - 1)
+        return mu, sigma
 
 
 def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
@@ -36,12 +89,10 @@ def frechet_distance(
 
         d^2 = ||mu1 - mu2||^2 + tr(sigma1) + tr(sigma2) - 2 tr((sigma1 sigma2)^(1/2))
 
-    tr((s1 s2)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric
-    PSD matrix s1^(1/2) s2 s1^(1/2), which is similar to s1 s2 and so has the same eigenvalues.
-    `eigh` of a symmetric matrix gives real eigenvalues, and round-off ones below zero are
-    clipped, so there are no complex parts to discard (torch-fidelity takes `eigvals(s1 @ s2)` of
-    a non-symmetric product and keeps the real part; pytorch-fid's `scipy.linalg.sqrtm` needs an
-    epsilon retry on singular covariances, the rule when N < D). Computed in float64.
+    tr((s1 s2)^(1/2)) is the sum of the square roots of the eigenvalues of s1^(1/2) s2 s1^(1/2),
+    which is similar to s1 s2. Computed in float64.
+
+    Not torch-fidelity's: eigh of a symmetric matrix is real by construction, eigvals(s1 s2) is not.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -57,7 +108,7 @@ def frechet_distance(
     sigma1 = (sigma1 + sigma1.T) / 2
     sigma2 = (sigma2 + sigma2.T) / 2
     sqrt_s1 = _sqrtm_psd(sigma1)
-    # 2. eigenvalues of s1^(1/2) s2 s1^(1/2): real, >= 0 up to round-off
+    # 2. eigenvalues of s1^(1/2) s2 s1^(1/2): real, >= 0 up to round-off, which is clipped
     m = sqrt_s1 @ sigma2 @ sqrt_s1
     eig = np.linalg.eigvalsh((m + m.T) / 2)
     tr_covmean = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
@@ -89,6 +140,8 @@ def kernel_inception_distance(
     f1 [N1, D], f2 [N2, D]. Each of `subsets` rounds draws `subset_size` rows of f1, then of f2,
     without replacement from `np.random.RandomState(seed)`: the same draws as torch-fidelity's
     `kid_features_to_metric` with `rng_seed=seed`. Returns (mean, std) over the subsets.
+
+    Not torch-fidelity's: its kernels run in the input dtype, ~1e-4 off on float32 features.
     """
     n1, n2 = len(f1), len(f2)
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
@@ -113,29 +166,3 @@ def kernel_inception_distance(
         )
         mmds[i] = _mmd2_unbiased(k_xx, k_xy, k_yy)
     return float(mmds.mean()), float(mmds.std())
-
-
-def inception_score(
-    logits: np.ndarray, splits: int = 10, seed: int | None = 2020
-) -> tuple[float, float]:
-    """Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), per split; (mean, std).
-
-    logits [N, K] (torch-fidelity's "logits_unbiased"). The rows are shuffled with
-    `np.random.RandomState(seed)` first unless seed is None, as torch-fidelity does.
-    """
-    if logits.ndim != 2 or len(logits) < splits:
-        raise ValueError(
-            f"inception_score needs [N, K] logits with N >= splits={splits}, got {logits.shape}"
-        )
-    n = len(logits)
-    x = torch.from_numpy(np.asarray(logits, np.float64))
-    if seed is not None:
-        x = x[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
-    p, log_p = x.softmax(dim=1), x.log_softmax(dim=1)
-    scores = []
-    for i in range(splits):
-        lo, hi = i * n // splits, (i + 1) * n // splits
-        log_p_y = p[lo:hi].mean(dim=0, keepdim=True).log()
-        kl = (p[lo:hi] * (log_p[lo:hi] - log_p_y)).sum(dim=1).mean()
-        scores.append(float(kl.exp()))
-    return float(np.mean(scores)), float(np.std(scores))

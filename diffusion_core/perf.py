@@ -20,7 +20,7 @@ def configure_model_for_device(
     """
     model = model.to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        model = model.to(memory_format=torch.channels_last)
     if compile:
         model = torch.compile(model)  # type: ignore[assignment]
     return model

@@ -283,19 +283,6 @@ def sample(
     )
 
 
-def guided(denoiser_cond: Denoiser, denoiser_uncond: Denoiser, scale: float) -> Denoiser:
-    """Classifier-free guidance (Ho & Salimans 2022, eq. 6 with w = scale - 1):
-    eps = eps_u + scale (eps_c - eps_u). ``scale == 1`` returns ``denoiser_cond`` itself."""
-    if scale == 1.0:
-        return denoiser_cond
-
-    def denoise(x_t: Tensor, t: Tensor) -> Tensor:
-        eps_u = denoiser_uncond(x_t, t)
-        return eps_u + scale * (denoiser_cond(x_t, t) - eps_u)
-
-    return denoise
-
-
 def make_eps_denoiser(
     net: Network,
     *,
@@ -311,7 +298,8 @@ def make_eps_denoiser(
     x_t is cast float64 -> ``dtype`` at the network boundary and the prediction back to float64
     before the conversion to eps (which uses the float64 x_t). With ``guidance_scale != 1`` the
     conditional (class_labels [B]) and unconditional (``null_label``) passes run as one batch of
-    2B and are mixed as in ``guided``. The network runs under ``torch.no_grad``.
+    2B and are mixed by classifier-free guidance, eps = eps_u + scale (eps_c - eps_u) (Ho &
+    Salimans 2022, eq. 6 with w = scale - 1). The network runs under ``torch.no_grad``.
     """
     guide = guidance_scale != 1.0
     if guide and (class_labels is None or null_label is None):
@@ -335,6 +323,7 @@ def make_eps_denoiser(
         alpha_bar_t = alpha_bar.to(x_t.device)[t]
         eps, _ = to_eps_x0(pred, x_t, alpha_bar_t, prediction_type)
         if guide:
+            # classifier-free guidance, Ho & Salimans 2022 eq. 6
             eps_c, eps_u = eps.chunk(2)
             return eps_u + guidance_scale * (eps_c - eps_u)
         return eps

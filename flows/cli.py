@@ -8,9 +8,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
+from collections.abc import Callable
+
+from pydantic import BaseModel
 
 from tasks.config import ConfigError, load_config, to_yaml
+from tasks.records import Evaluation, NightlySummary, SampleSet, ShardResult, TrainResult
+from tasks.runtime import setup_process
 
 STAGES = {
     "shard": "shard the dataset into WebDataset tars with a manifest (reused when unchanged)",
@@ -48,28 +52,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_result(command: str, result: dict[str, Any]) -> None:
-    if command == "nightly":
-        m = result["metrics"]
-        print(f"report: {result['report_url']}")
+def _print_result(result: BaseModel) -> None:
+    if isinstance(result, NightlySummary):
+        m, d = result.metrics, result.promotion
+        fid = "n/a" if m.fid is None else f"{m.fid:.4f}"
+        print(f"report: {result.report_url}")
         print(
-            f"FID: {m['fid']:.4f} ({m['extractor']['label']}; {m['num_images']} samples vs {m['num_reference_images']} held-out images)"
+            f"FID: {fid} ({m.extractor.label}; {m.num_images} samples vs {m.num_reference_images} held-out images)"
         )
-        print(
-            f"promotion: {'PROMOTED' if result['promotion']['promoted'] else 'not promoted'} ({result['promotion']['reason']})"
-        )
-    elif command == "evaluate":
-        print(f"FID: {result['fid']:.4f} ({result['extractor']['label']})")
-        print(f"report: {result['report_key']}")
-    elif command == "shard":
-        print(f"manifest: {result['manifest_key']} ({'reused' if result['reused'] else 'written'})")
-    elif command == "train":
-        print(f"checkpoint: {result['checkpoint_key']} (step {result['step']})")
-    elif command == "sample":
-        print(f"samples: {result['manifest_key']} ({result['num_images']} images)")
+        print(f"promotion: {'PROMOTED' if d.promoted else 'not promoted'} ({d.reason})")
+    elif isinstance(result, Evaluation):
+        m = result.metrics
+        print(f"FID: {'n/a' if m.fid is None else f'{m.fid:.4f}'} ({m.extractor.label})")
+        print(f"report: {m.report_key}")
+    elif isinstance(result, ShardResult):
+        print(f"manifest: {result.manifest.key} ({'reused' if result.reused else 'written'})")
+    elif isinstance(result, TrainResult):
+        print(f"checkpoint: {result.checkpoint.key} (step {result.checkpoint.step})")
+    elif isinstance(result, SampleSet):
+        print(f"samples: {result.key} ({result.num_images} images)")
 
 
 def main(argv: list[str] | None = None) -> int:
+    setup_process()
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -97,19 +102,20 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
         )
         return 0
-    flow = {
+    flows: dict[str, Callable[..., BaseModel]] = {
         "shard": flows_mod.shard_flow,
         "train": flows_mod.train_flow,
         "sample": flows_mod.sample_flow,
         "evaluate": flows_mod.evaluate_flow,
         "nightly": flows_mod.nightly,
-    }[args.command]
+    }
+    flow = flows[args.command]
     try:
         result = flow(config_path=args.config, overrides=args.overrides)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"diffpipe {args.command}: {err}", file=sys.stderr)
         return 1
-    _print_result(args.command, result)
+    _print_result(result)
     return 0
 
 

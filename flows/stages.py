@@ -1,90 +1,116 @@
 """The stages as Prefect tasks: thin wrappers that add retries, logging and artifacts.
 
-Only transient I/O is retried; a deterministic failure (bad config, missing data) fails at once.
+Each takes the config sections it uses. A stage is re-run only when its failure was transient
+(`tasks.retry`: the store's own retries ran out); a deterministic failure fails at once.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
-from prefect import task
+from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 
-from tasks.config import PipelineConfig
+from tasks.config import (
+    DataConfig,
+    EvalConfig,
+    PipelineConfig,
+    PromoteConfig,
+    RayConfig,
+    SampleConfig,
+    StorageConfig,
+)
 from tasks.evaluate_ray import evaluate
 from tasks.promote import promote_if_better
+from tasks.records import (
+    Checkpoint,
+    DatasetManifest,
+    Evaluation,
+    Metrics,
+    PromotionDecision,
+    SampleSet,
+    ShardResult,
+    TrainResult,
+)
+from tasks.retry import STAGE_RETRIES, STAGE_RETRY_DELAY_S, is_transient
 from tasks.sample import sample_images
 from tasks.shard import shard_dataset
-from tasks.storage import Store
+from tasks.storage import open_store
 from tasks.train import train
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-def _transient_failure(task: Any, task_run: Any, state: Any) -> bool:
+
+def _transient_failure(task: Any, task_run: Any, state: Any) -> bool:  # Prefect's hook signature
     try:
         state.result()
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        return False
-    except (ConnectionError, TimeoutError, OSError):
-        return True
-    except BaseException:
-        return False
+    except BaseException as err:  # noqa: BLE001 - the state's error, classified below
+        return is_transient(err)
     return False
 
 
-_RETRY = {
-    "retries": 2,
-    "retry_delay_seconds": 10,
-    "retry_condition_fn": _transient_failure,
-    "cache_policy": NONE,
-}
+def _stage(name: str) -> Callable[[Callable[P, R]], Task[P, R]]:
+    return task(
+        name=name,
+        retries=STAGE_RETRIES,
+        retry_delay_seconds=STAGE_RETRY_DELAY_S,
+        retry_condition_fn=_transient_failure,
+        cache_policy=NONE,
+    )
 
 
-@task(name="shard", **_RETRY)
-def shard_task(cfg: PipelineConfig) -> dict[str, Any]:
-    return shard_dataset(cfg.data, Store(cfg.storage))
+@_stage("shard")
+def shard_task(data: DataConfig, storage: StorageConfig) -> ShardResult:
+    return shard_dataset(data, open_store(storage))
 
 
-@task(name="train", **_RETRY)
-def train_task(
-    cfg: PipelineConfig, manifest: dict[str, Any], nightly: bool = False
-) -> dict[str, Any]:
-    return train(cfg, manifest, nightly=nightly)
+@_stage("train")
+def train_task(cfg: PipelineConfig, dataset: DatasetManifest, nightly: bool = False) -> TrainResult:
+    return train(cfg, open_store(cfg.storage), dataset, nightly=nightly)
 
 
-@task(name="sample", **_RETRY)
-def sample_task(cfg: PipelineConfig, checkpoint_key: str) -> dict[str, Any]:
-    return sample_images(cfg, checkpoint_key)
+@_stage("sample")
+def sample_task(
+    sample: SampleConfig, ray: RayConfig, storage: StorageConfig, checkpoint: Checkpoint
+) -> SampleSet:
+    return sample_images(open_store(storage), sample, ray, checkpoint)
 
 
-def eval_prefix(samples: dict[str, Any]) -> str:
-    """runs/<id>/samples/<set>/manifest.json -> runs/<id>/eval/<set>"""
-    set_prefix = samples["manifest_key"].rsplit("/", 1)[0]
-    return set_prefix.replace("/samples/", "/eval/", 1)
-
-
-@task(name="evaluate", **_RETRY)
+@_stage("evaluate")
 def evaluate_task(
-    cfg: PipelineConfig, manifest: dict[str, Any], samples: dict[str, Any]
-) -> dict[str, Any]:
-    store = Store(cfg.storage)
-    metrics = evaluate(cfg, manifest, samples["manifest_key"], eval_prefix(samples))
+    cfg: EvalConfig,
+    ray: RayConfig,
+    storage: StorageConfig,
+    dataset: DatasetManifest,
+    samples: SampleSet,
+) -> Evaluation:
+    evaluation = evaluate(open_store(storage), cfg, ray, dataset, samples)
+    m = evaluation.metrics
     create_markdown_artifact(
-        store.read_bytes(metrics["report_key"]).decode(),
+        evaluation.report_markdown,
         key="evaluation-report",
-        description=f"evaluation of {samples['manifest_key']}",
+        description=f"evaluation of {samples.key}",
     )
     rows = [
-        {"metric": k, "value": metrics[k]}
-        for k in ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std")
-        if k in metrics
+        {"metric": name, "value": value}
+        for name, value in (
+            ("fid", m.fid),
+            ("kid_mean", m.kid_mean),
+            ("kid_std", m.kid_std),
+            ("isc_mean", m.isc_mean),
+            ("isc_std", m.isc_std),
+        )
+        if value is not None
     ]
-    create_table_artifact(rows, key="evaluation-metrics", description=metrics["extractor"]["label"])
-    return metrics
+    create_table_artifact(rows, key="evaluation-metrics", description=m.extractor.label)
+    return evaluation
 
 
-@task(name="promote", **_RETRY)
+@_stage("promote")
 def promote_task(
-    cfg: PipelineConfig, metrics: dict[str, Any], checkpoint_key: str
-) -> dict[str, Any]:
-    return promote_if_better(Store(cfg.storage), cfg.promote, metrics, checkpoint_key)
+    cfg: PromoteConfig, storage: StorageConfig, metrics: Metrics, checkpoint: Checkpoint
+) -> PromotionDecision:
+    return promote_if_better(open_store(storage), cfg, metrics, checkpoint)

@@ -1,17 +1,23 @@
 """Typed, validated configuration: one model per concern, one root that the CLI and flows share.
 
-Every stage saves the resolved config beside its artifacts, and a config round-trips through its
-JSON/YAML form (`PipelineConfig.model_validate(cfg.model_dump(mode="json")) == cfg`).
+`load_config` resolves the config once, at load: the storage root becomes an absolute path or URL,
+the S3 endpoint and region and the Ray address take their environment defaults. What `--dry-run`
+prints and what a run saves beside its artifacts is that resolved config, and a config round-trips
+through its JSON/YAML form (`PipelineConfig.model_validate(cfg.model_dump(mode="json")) == cfg`).
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tasks import layout
 
 DATASET_CHOICES = "digits, mnist, fashion-mnist, cifar10, imagefolder:PATH"
 _NAMED_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
@@ -29,22 +35,39 @@ class StorageConfig(_Frozen):
     AWS_SESSION_TOKEN, AWS_PROFILE); they are never stored in config files or artifacts.
     """
 
-    root: str = "./artifacts"
+    root: str = Field(
+        default="./artifacts",
+        description="a local path (taken literally, whatever characters it holds), file:///abs/path or s3://bucket/prefix",
+    )
     endpoint_url: str | None = Field(
         default=None,
         description="S3-compatible endpoint (MinIO, Ceph RGW); defaults to $AWS_ENDPOINT_URL, else AWS.",
     )
-    region: str | None = None
+    region: str | None = Field(
+        default=None, description="S3 region; defaults to $AWS_REGION / $AWS_DEFAULT_REGION"
+    )
 
     @field_validator("root")
     @classmethod
     def _root_scheme(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError(
+                "storage root is empty; give a local folder (e.g. ./artifacts) or s3://bucket/prefix"
+            )
         scheme = v.split("://", 1)[0] if "://" in v else "file"
-        if scheme not in ("file", "s3", "memory"):
+        if scheme not in ("file", "s3"):
             raise ValueError(
                 f"storage root {v!r} has unsupported scheme {scheme!r}; use a local path, file://... or s3://bucket/prefix"
             )
+        if scheme == "s3" and not v[len("s3://") :].split("/", 1)[0]:
+            raise ValueError(f"storage root {v!r} names no bucket; use s3://bucket/prefix")
+        if scheme == "file" and v.startswith("file://") and not v[len("file://") :].startswith("/"):
+            raise ValueError(f"storage root {v!r}: a file:// URL needs an absolute path")
         return v.rstrip("/") or v
+
+    @property
+    def is_local(self) -> bool:
+        return not self.root.startswith("s3://")
 
 
 class DataConfig(_Frozen):
@@ -135,9 +158,9 @@ class TrainConfig(_Frozen):
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, v: str) -> str:
-        if not _RUN_ID.match(v):
+        if not _RUN_ID.match(v) or ".." in v:
             raise ValueError(
-                f"run_id {v!r} must be 1-64 characters of letters, digits, '.', '_' or '-'"
+                f"run_id {v!r} must be 1-64 characters of letters, digits, '.', '_' or '-' (no '..')"
             )
         return v
 
@@ -146,7 +169,10 @@ class SampleConfig(_Frozen):
     num_images: int = Field(default=256, ge=1)
     sampler: Literal["ddpm", "ddim", "dpmpp_2m", "heun"] = "ddim"
     steps: int = Field(default=50, ge=1)
-    spacing: Literal["leading", "trailing", "linspace"] = "trailing"
+    spacing: Literal["leading", "trailing", "linspace", "logsnr", "karras"] = Field(
+        default="trailing",
+        description="timestep spacing; logsnr (uniform in log-SNR, DPM-Solver) suits dpmpp_2m, karras (EDM) suits heun",
+    )
     eta: float = Field(default=0.0, ge=0.0)
     guidance_scale: float = Field(default=1.0, ge=0.0)
     seed_start: int = Field(default=0, ge=0, description="image i gets seed seed_start + i")
@@ -160,6 +186,23 @@ class SampleConfig(_Frozen):
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
+
+    # The settings that change the images (the others only change how fast they are made): they
+    # name a sample set, and two evaluations are comparable only when they agree on them.
+    IMAGE_SETTINGS: ClassVar[tuple[str, ...]] = (
+        "sampler",
+        "steps",
+        "spacing",
+        "eta",
+        "guidance_scale",
+        "seed_start",
+        "num_images",
+        "use_ema",
+        "bf16",
+    )
+
+    def image_settings(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.IMAGE_SETTINGS}
 
 
 class EvalConfig(_Frozen):
@@ -184,8 +227,15 @@ class EvalConfig(_Frozen):
 
 
 class PromoteConfig(_Frozen):
-    model_name: str = "default"
+    model_name: str = Field(
+        default="default", description="the name the promoted model is kept under in the store"
+    )
     metric: Literal["fid", "kid"] = "fid"
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        return layout.part(v, "model_name")
 
 
 class RayConfig(_Frozen):
@@ -231,7 +281,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:  # the YAML tree
     parts = dotted.split(".")
     node = tree
     for p in parts[:-1]:
@@ -252,20 +302,70 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ConfigError(f"override {item!r} has an empty field name")
-    return key, yaml.safe_load(raw) if raw.strip() else raw
+    if not raw.strip():
+        return key, raw
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
+            "quote it, e.g. section.field='\"a: b\"'"
+        ) from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def resolve_storage(cfg: StorageConfig, env: Mapping[str, str] | None = None) -> StorageConfig:
+    """A local root becomes a plain absolute path (Ray workers run in other directories; the path
+    is taken literally, never URL-decoded); an S3 root gets its endpoint and region from `env`."""
+    env = os.environ if env is None else env
+    if cfg.is_local:
+        path = cfg.root.removeprefix("file://")
+        return cfg.model_copy(
+            update={
+                "root": str(Path(path).expanduser().absolute()),
+                "endpoint_url": None,
+                "region": None,
+            }
+        )
+    endpoint = cfg.endpoint_url or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    region = cfg.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    return cfg.model_copy(update={"endpoint_url": endpoint or None, "region": region or None})
+
+
+def resolve_config(cfg: PipelineConfig, env: Mapping[str, str] | None = None) -> PipelineConfig:
+    """The config as it will run: storage resolved, the Ray address from $RAY_ADDRESS."""
+    env = os.environ if env is None else env
+    ray = cfg.ray.model_copy(update={"address": cfg.ray.address or env.get("RAY_ADDRESS") or None})
+    return cfg.model_copy(update={"storage": resolve_storage(cfg.storage, env), "ray": ray})
 
 
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
-    """Defaults < YAML file < `section.field=value` overrides, validated as one PipelineConfig."""
-    tree: dict[str, Any] = {}
+    """Defaults < YAML file < `section.field=value` overrides, validated as one PipelineConfig and
+    resolved against the environment (`resolve_config`)."""
+    tree: dict[str, Any] = {}  # the YAML document: a tree of sections, checked by PipelineConfig
     source = "defaults"
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found")
-        loaded = yaml.safe_load(p.read_text())
+        try:
+            loaded = yaml.safe_load(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {str(p)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8"
+            ) from None
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"config file {str(p)!r} is not valid YAML: {_yaml_problem(err)}"
+            ) from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(
                 f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}"
@@ -278,9 +378,10 @@ def load_config(
     if overrides:
         source += " + overrides"
     try:
-        return PipelineConfig.model_validate(tree)
+        cfg = PipelineConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    return resolve_config(cfg)
 
 
 def to_yaml(cfg: BaseModel) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +151,10 @@ def _imagefolder(path: str, cfg: DataConfig) -> Source:
         raise ValueError(
             f"imagefolder {str(root)!r} has images of several sizes {sorted(shapes)[:3]}...; set data.image_size"
         )
-    name = f"imagefolder-{root.name or 'root'}"
+    # The name becomes part of a storage key: characters other than letters, digits, '.', '_', '-'
+    # become '-'.
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", root.name).strip("-.") or "root"
+    name = f"imagefolder-{slug}"
     return Source(
         name, np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs]
     )

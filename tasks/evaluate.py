@@ -16,31 +16,24 @@ import io
 import json
 import logging
 import math
-import re
+import posixpath
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+import torch
+from torch_fidelity.metric_isc import (
+    KEY_METRIC_ISC_MEAN,
+    KEY_METRIC_ISC_STD,
+    isc_features_to_metric,
+)
 
-from diffusion_core.fid import (
-    feature_moments,
-    frechet_distance,
-    inception_score,
-    kernel_inception_distance,
-)
+from diffusion_core.fid import feature_moments, frechet_distance, kernel_inception_distance
+from tasks import layout
 from tasks.config import EvalConfig
-from tasks.inception import (  # noqa: F401 (re-exported: the extractor API belongs to this stage)
-    STANDARD_FILENAME,
-    STANDARD_WEIGHTS_URL,
-    ExtractorInfo,
-    extract_features,
-    load_extractor,
-    resolve_extractor,
-)
-from tasks.sample import SAMPLES_FORMAT
-from tasks.shard import MANIFEST_FORMAT as DATASET_FORMAT
+from tasks.inception import ExtractorInfo, extract_features, resolve_extractor
+from tasks.records import DatasetManifest, Evaluation, Metrics, SampleSet
 from tasks.storage import Store
 from tasks.webdata import encode_png, read_images
 
@@ -62,13 +55,9 @@ class ReferenceStats:
     computed: bool  # False when read from the cache
 
 
-def reference_stats_key(fingerprint: str, extractor_sha256: str, count: int) -> str:
-    if not re.fullmatch(r"[0-9a-zA-Z_-]+", fingerprint):
-        raise ValueError(f"dataset fingerprint {fingerprint!r} is not a plain identifier")
-    return f"stats/{fingerprint}/{extractor_sha256[:16]}-n{count}.npz"
-
-
-def _read_stats(store: Store, key: str, meta_expected: dict[str, Any]) -> ReferenceStats | None:
+def _read_stats(
+    store: Store, key: str, meta_expected: dict[str, str | int]
+) -> ReferenceStats | None:
     try:
         with np.load(io.BytesIO(store.read_bytes(key)), allow_pickle=False) as npz:
             meta = json.loads(str(npz["meta"]))
@@ -91,46 +80,35 @@ def _read_stats(store: Store, key: str, meta_expected: dict[str, Any]) -> Refere
 
 def reference_features(
     store: Store,
-    manifest: dict[str, Any],
+    manifest: DatasetManifest,
     extractor: ExtractorInfo,
     cfg: EvalConfig,
     device: str = "cpu",
 ) -> ReferenceStats:
     """Features of the held-out split, computed once per (dataset fingerprint, extractor, count) and
     cached in the store at `stats/<fingerprint>/<extractor sha256[:16]>-n<count>.npz`."""
-    if manifest.get("format") != DATASET_FORMAT:
-        raise ValueError(
-            f"dataset manifest format {manifest.get('format')!r} is not {DATASET_FORMAT!r}"
-        )
-    holdout = manifest["splits"]["holdout"]
+    holdout = manifest.split("holdout")
     count = (
-        holdout["count"]
+        holdout.count
         if cfg.max_reference_images is None
-        else min(holdout["count"], cfg.max_reference_images)
+        else min(holdout.count, cfg.max_reference_images)
     )
-    fingerprint = manifest["fingerprint"]
-    key = reference_stats_key(fingerprint, extractor.sha256, count)
-    meta = {
+    key = layout.reference_stats(manifest.fingerprint, extractor.sha256, count)
+    meta: dict[str, str | int] = {
         "count": count,
         "extractor_sha256": extractor.sha256,
-        "dataset_fingerprint": fingerprint,
+        "dataset_fingerprint": manifest.fingerprint,
     }
     cached = _read_stats(store, key, meta)
     if cached is not None:
         log.info("reference stats from cache %s", store.url(key))
         return cached
 
-    images, _, _ = _read_images_checked(
-        store, [s["key"] for s in holdout["shards"]], manifest["channels"], count
-    )
+    images = _read_images_checked(store, [s.key for s in holdout.shards], manifest.channels, count)
     features = extract_features(images, extractor, cfg.batch_size, device)["2048"]
     mu, sigma = feature_moments(features)
     stored = features.astype(np.float32)
-    meta |= {
-        "extractor_label": extractor.label,
-        "dataset": manifest.get("dataset"),
-        "created": _now(),
-    }
+    meta |= {"extractor_label": extractor.label, "dataset": manifest.dataset, "created": _now()}
     buf = io.BytesIO()
     np.savez(buf, features=stored, mu=mu, sigma=sigma, meta=np.array(json.dumps(meta)))
     store.write_bytes(key, buf.getvalue())
@@ -138,14 +116,12 @@ def reference_features(
     return ReferenceStats(key, stored, mu, sigma, count, computed=True)
 
 
-def _read_images_checked(
-    store: Store, keys: list[str], channels: int, limit: int | None
-) -> tuple[np.ndarray, list[int | None], list[dict[str, Any]]]:
-    """`read_images`, checking that the shards hold at least what the manifest promises."""
-    images, labels, metas = read_images(store, keys, channels, limit)
-    if limit is not None and len(images) < limit:
-        raise ValueError(f"shards {keys} hold {len(images)} images, the manifest promises {limit}")
-    return images, labels, metas
+def _read_images_checked(store: Store, keys: list[str], channels: int, count: int) -> np.ndarray:
+    """`count` images of the shards `keys`, checking that they hold what the manifest promises."""
+    images, _ = read_images(store, keys, channels, count)
+    if len(images) < count:
+        raise ValueError(f"shards {keys} hold {len(images)} images, the manifest promises {count}")
+    return images
 
 
 def _now() -> str:
@@ -168,99 +144,88 @@ def make_grid(images_uint8: np.ndarray, min_width: int = 384) -> np.ndarray:
     return grid.repeat(scale, axis=0).repeat(scale, axis=1)
 
 
-def _report_markdown(metrics: dict[str, Any]) -> str:
-    extractor = metrics["extractor"]
+def report_markdown(metrics: Metrics) -> str:
+    extractor = metrics.extractor
     lines = [
-        f"# Sample evaluation: run `{metrics['run_id']}`, step {metrics['checkpoint_step']}",
+        f"# Sample evaluation: run `{metrics.run_id}`, step {metrics.checkpoint_step}",
         "",
     ]
-    if not extractor["standard"]:
+    if not extractor.standard:
         lines += [
-            f"> **WARNING: FID computed with a stand-in extractor ({extractor['label']}); "
+            f"> **WARNING: FID computed with a stand-in extractor ({extractor.label}); "
             "these numbers are NOT comparable with published FIDs.** Compare them only with runs "
-            f"that report the same extractor sha256 `{extractor['weights_sha256'][:16]}`.",
+            f"that report the same extractor sha256 `{extractor.weights_sha256[:16]}`.",
             "",
         ]
     lines += ["| metric | value |", "|---|---|"]
-    for name in ("fid", "kid_mean", "kid_std", "isc_mean", "isc_std"):
-        if name in metrics:
-            lines.append(f"| {name} | {metrics[name]:.6g} |")
+    values = {
+        "fid": metrics.fid,
+        "kid_mean": metrics.kid_mean,
+        "kid_std": metrics.kid_std,
+        "isc_mean": metrics.isc_mean,
+        "isc_std": metrics.isc_std,
+    }
+    lines += [f"| {name} | {v:.6g} |" for name, v in values.items() if v is not None]
+    sc = metrics.sampling
+    settings: dict[str, object] = {
+        "sampler": sc.sampler,
+        "steps": sc.steps,
+        "spacing": sc.spacing,
+        "eta": sc.eta,
+        "guidance_scale": sc.guidance_scale,
+        "seeds": f"{sc.seed_start}..{sc.seed_start + sc.num_images - 1}",
+        "checkpoint_step": metrics.checkpoint_step,
+        "num_images": metrics.num_images,
+        "num_reference_images": metrics.num_reference_images,
+        "kid_subset_size": metrics.kid_subset_size,
+        "kid_subsets": metrics.kid_subsets,
+        "dataset_fingerprint": metrics.dataset_fingerprint,
+        "reference_stats_key": metrics.reference_stats_key,
+        "created": metrics.created,
+    }
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
-    for name in (
-        "sampler",
-        "steps",
-        "eta",
-        "guidance_scale",
-        "checkpoint_step",
-        "num_images",
-        "num_reference_images",
-        "kid_subset_size",
-        "kid_subsets",
-        "dataset_fingerprint",
-        "reference_stats_key",
-        "created",
-    ):
-        if name in metrics:
-            lines.append(f"| {name} | `{metrics[name]}` |")
-    lines.append(
-        f"| extractor | {extractor['label']}, weights sha256 `{extractor['weights_sha256']}` |"
-    )
-    lines += ["", "## Samples", "", "![samples](grid.png)", ""]
+    lines += [f"| {name} | `{v}` |" for name, v in settings.items() if v is not None]
+    lines.append(f"| extractor | {extractor.label}, weights sha256 `{extractor.weights_sha256}` |")
+    grid_name = posixpath.basename(metrics.grid_key)  # the report sits beside its grid
+    lines += ["", "## Samples", "", f"![samples]({grid_name})", ""]
     return "\n".join(lines)
 
 
 def evaluate_samples(
     store: Store,
-    dataset_manifest: dict[str, Any],
-    samples_manifest_key: str,
+    dataset: DatasetManifest,
+    samples: SampleSet,
     cfg: EvalConfig,
-    out_prefix: str,
     device: str = "cpu",
     *,
     cache_dir: Path | None = None,
     extractor: ExtractorInfo | None = None,
-) -> dict[str, Any]:
-    """Score the sample set at `samples_manifest_key` against the held-out split of the dataset.
+) -> Evaluation:
+    """Score the sample set `samples` against the held-out split of `dataset`.
 
-    Writes `<out_prefix>/grid.png`, `report.md` and, last, `metrics.json` (each atomically), and
-    returns the metrics with the keys of the written files. `extractor` skips resolution (a flow
-    resolves once and scores many sample sets); by default `resolve_extractor(cfg, store)`.
+    Writes `grid.png`, `report.md` and, last, `metrics.json` (each atomically) to the set's
+    evaluation folder. `extractor` skips resolution (a flow resolves once and scores many sample
+    sets); by default `resolve_extractor(cfg, store)`.
     """
-    samples_manifest = store.read_json(samples_manifest_key)
-    if samples_manifest.get("format") != SAMPLES_FORMAT:
-        raise ValueError(
-            f"{store.url(samples_manifest_key)} has format {samples_manifest.get('format')!r}, "
-            f"expected {SAMPLES_FORMAT!r}"
-        )
-    got = (samples_manifest.get("channels"), samples_manifest.get("image_size"))
-    want = (dataset_manifest["channels"], dataset_manifest["image_size"])
+    got = (samples.channels, samples.image_size)
+    want = (dataset.channels, dataset.image_size)
     if got != want:
         raise ValueError(
-            f"samples {store.url(samples_manifest_key)} are (channels, size) = {got} but dataset "
-            f"{dataset_manifest.get('dataset')!r} holds {want}; evaluate samples of a model "
-            "trained on this dataset"
+            f"samples {store.url(samples.key)} are (channels, size) = {got} but dataset "
+            f"{dataset.dataset!r} holds {want}; evaluate samples of a model trained on this dataset"
         )
-    channels = dataset_manifest["channels"]
-    images, _, _ = _read_images_checked(
-        store,
-        [s["key"] for s in samples_manifest["shards"]],
-        channels,
-        samples_manifest["num_images"],
+    images = _read_images_checked(
+        store, [s.key for s in samples.shards], dataset.channels, samples.num_images
     )
-    if images.shape[1:] != (channels, want[1], want[1]):
-        raise ValueError(
-            f"sample images have shape {images.shape[1:]}, "
-            f"the manifests say {(channels, want[1], want[1])}"
-        )
 
     extractor = extractor or resolve_extractor(cfg, store, cache_dir=cache_dir)
     features = extract_features(images, extractor, cfg.batch_size, device)
-    metrics: dict[str, Any] = {"num_images": len(images)}
+    scores: dict[str, float | int | str] = {}
     if "fid" in cfg.metrics or "kid" in cfg.metrics:
-        ref = reference_features(store, dataset_manifest, extractor, cfg, device)
-        metrics |= {"num_reference_images": ref.count, "reference_stats_key": ref.key}
+        ref = reference_features(store, dataset, extractor, cfg, device)
+        scores |= {"num_reference_images": ref.count, "reference_stats_key": ref.key}
         if "fid" in cfg.metrics:
-            metrics["fid"] = frechet_distance(*feature_moments(features["2048"]), ref.mu, ref.sigma)
+            scores["fid"] = frechet_distance(*feature_moments(features["2048"]), ref.mu, ref.sigma)
         if "kid" in cfg.metrics:
             subset_size = min(cfg.kid_subset_size, len(images), ref.count)
             if subset_size < cfg.kid_subset_size:
@@ -272,40 +237,47 @@ def evaluate_samples(
             mean, std = kernel_inception_distance(
                 features["2048"], ref.features, subset_size, KID_SUBSETS, seed=2020
             )
-            metrics |= {
+            scores |= {
                 "kid_mean": mean,
                 "kid_std": std,
                 "kid_subset_size": subset_size,
                 "kid_subsets": KID_SUBSETS,
             }
     if "isc" in cfg.metrics:
-        mean, std = inception_score(
-            features["logits_unbiased"], splits=min(ISC_SPLITS, len(images))
+        isc = isc_features_to_metric(
+            torch.from_numpy(features["logits_unbiased"]),
+            splits=min(ISC_SPLITS, len(images)),
+            shuffle=True,
+            rng_seed=2020,
         )
-        metrics |= {"isc_mean": mean, "isc_std": std}
+        scores |= {
+            "isc_mean": float(isc[KEY_METRIC_ISC_MEAN]),
+            "isc_std": float(isc[KEY_METRIC_ISC_STD]),
+        }
 
-    settings = ("sampler", "steps", "eta", "guidance_scale", "checkpoint_step", "run_id")
-    metrics |= {name: samples_manifest.get(name) for name in settings}
-    metrics |= {
-        "extractor": extractor.to_dict(),
-        "comparable_with_published": extractor.standard,
-        "dataset_fingerprint": dataset_manifest["fingerprint"],
-        "samples_manifest_key": samples_manifest_key,
-        "created": _now(),
-    }
-    prefix = out_prefix.strip("/")
-    files = {
-        "grid_key": f"{prefix}/grid.png",
-        "report_key": f"{prefix}/report.md",
-        "metrics_key": f"{prefix}/metrics.json",
-    }
-    metrics |= files
-    store.write_bytes(files["grid_key"], encode_png(make_grid(images[: cfg.grid_images])))
-    store.write_text(files["report_key"], _report_markdown(metrics))
-    store.write_json(files["metrics_key"], metrics)
-    log.info(
-        "evaluation written to %s: %s",
-        store.url(prefix),
-        {k: metrics[k] for k in ("fid", "kid_mean", "isc_mean") if k in metrics},
+    metrics = Metrics.model_validate(
+        {
+            **scores,
+            "run_id": samples.run_id,
+            "sample_set": samples.name,
+            "samples_key": samples.key,
+            "checkpoint_key": samples.checkpoint.key,
+            "checkpoint_step": samples.checkpoint.step,
+            "sampling": samples.config,
+            "num_images": len(images),
+            "dataset_fingerprint": dataset.fingerprint,
+            "extractor": extractor.to_record(),
+            "created": _now(),
+        }
     )
-    return metrics
+    report = report_markdown(metrics)
+    store.write_bytes(metrics.grid_key, encode_png(make_grid(images[: cfg.grid_images])))
+    store.write_text(metrics.report_key, report)
+    metrics.write(store, metrics.key)
+    log.info(
+        "evaluation written to %s: fid=%s kid=%s",
+        store.url(metrics.prefix),
+        metrics.fid,
+        metrics.kid_mean,
+    )
+    return Evaluation(metrics=metrics, report_markdown=report)

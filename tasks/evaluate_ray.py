@@ -3,35 +3,35 @@ Inception passes over tens of thousands of images do not run on the orchestratin
 
 from __future__ import annotations
 
-from typing import Any
-
-from tasks.config import PipelineConfig
+from tasks.config import EvalConfig, RayConfig, StorageConfig
 from tasks.evaluate import evaluate_samples
 from tasks.ray_runtime import ensure_ray
-from tasks.storage import Store
+from tasks.records import DatasetManifest, Evaluation, SampleSet
+from tasks.storage import Store, open_store
 
 
 def _evaluate_remote(
-    cfg: PipelineConfig, manifest: dict[str, Any], samples_key: str, out_prefix: str
-) -> dict[str, Any]:
+    storage: StorageConfig, cfg: EvalConfig, dataset: DatasetManifest, samples: SampleSet
+) -> Evaluation:
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return evaluate_samples(
-        Store(cfg.storage), manifest, samples_key, cfg.evaluate, out_prefix, device=device
-    )
+    return evaluate_samples(open_store(storage), dataset, samples, cfg, device=device)
 
 
 def evaluate(
-    cfg: PipelineConfig, manifest: dict[str, Any], samples_key: str, out_prefix: str
-) -> dict[str, Any]:
+    store: Store,
+    cfg: EvalConfig,
+    ray_cfg: RayConfig,
+    dataset: DatasetManifest,
+    samples: SampleSet,
+) -> Evaluation:
     """Evaluate in this process on CPU, or as a one-GPU Ray task when `evaluate.use_gpu`."""
-    if not cfg.evaluate.use_gpu:
-        return evaluate_samples(
-            Store(cfg.storage), manifest, samples_key, cfg.evaluate, out_prefix, device="cpu"
-        )
-    ensure_ray(cfg.ray)
+    if not cfg.use_gpu:
+        return evaluate_samples(store, dataset, samples, cfg, device="cpu")
+    ensure_ray(ray_cfg)
     import ray
 
-    remote = ray.remote(_evaluate_remote).options(num_gpus=1, num_cpus=cfg.evaluate.cpus)
-    return ray.get(remote.remote(cfg, manifest, samples_key, out_prefix))
+    remote = ray.remote(_evaluate_remote).options(num_gpus=1, num_cpus=cfg.cpus)
+    result: Evaluation = ray.get(remote.remote(store.config, cfg, dataset, samples))
+    return result

@@ -29,7 +29,9 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
     FeatureExtractorInceptionV3,
 )
 
+from tasks import layout
 from tasks.config import EvalConfig
+from tasks.records import ExtractorRecord
 from tasks.storage import Store, atomic_local_file, sha256_file
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ STANDARD_FILENAME = URL_INCEPTION_V3.rsplit("/", 1)[-1]
 # the file (`load_state_dict_from_url(check_hash=True)` checks exactly this). The full digest is
 # published nowhere we can pin, so the prefix is the check.
 STANDARD_SHA256_PREFIX = "6726825d"
-STANDARD_STORE_KEY = f"extractors/{STANDARD_FILENAME}"
+STANDARD_STORE_KEY = layout.extractor(STANDARD_FILENAME)
 DOWNLOAD_TIMEOUT_S = 20.0
 FEATURES = ("2048", "logits_unbiased")
 
@@ -55,13 +57,10 @@ class ExtractorInfo:
     label: str
     source: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "weights_sha256": self.sha256,
-            "standard": self.standard,
-            "source": self.source,
-        }
+    def to_record(self) -> ExtractorRecord:
+        return ExtractorRecord(
+            label=self.label, weights_sha256=self.sha256, standard=self.standard, source=self.source
+        )
 
 
 # -- weights: where they come from --------------------------------------------------------------
@@ -278,8 +277,8 @@ def _standin_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 def _standin(seed: int, store: Store, cache: Path) -> ExtractorInfo:
     """The stand-in lives in the store: every worker and run uses the same bytes and sha256."""
-    key = f"extractors/inception-v3-standin-seed{seed}.pth"
-    sha_key = key + ".sha256"
+    key = layout.extractor(f"inception-v3-standin-seed{seed}.pth")
+    sha_key = layout.extractor(f"inception-v3-standin-seed{seed}.pth.sha256")
     known_sha = store.read_bytes(sha_key).decode().strip() if store.exists(sha_key) else None
     if known_sha:
         local = cache / f"inception-v3-standin-seed{seed}-{known_sha[:16]}.pth"

@@ -10,90 +10,88 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
-from typing import Any
 
+from tasks import layout
 from tasks.config import PromoteConfig
+from tasks.records import Champion, Checkpoint, Metrics, PromotionDecision, PromotionHistory
 from tasks.storage import Store
 
 log = logging.getLogger(__name__)
 
-# Settings that must agree for two metric values to be compared at all.
-COMPARABLE_KEYS = ("reference_stats_key", "num_images", "sampler", "steps", "eta", "guidance_scale")
-METRIC_FIELD = {"fid": "fid", "kid": "kid_mean"}
 
-
-def model_prefix(name: str) -> str:
-    return f"models/{name}"
-
-
-def incomparable_reasons(new: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def incomparable_reasons(new: Metrics, current: Metrics) -> list[str]:
+    """Why two evaluations cannot be compared (empty when they can): the extractor weights, the
+    reference statistics and every sampling setting that changes the images must agree."""
     reasons = []
-    if new["extractor"]["weights_sha256"] != current["extractor"]["weights_sha256"]:
+    if new.extractor.weights_sha256 != current.extractor.weights_sha256:
         reasons.append("feature extractor weights differ")
-    for key in COMPARABLE_KEYS:
-        if new.get(key) != current.get(key):
-            reasons.append(f"{key}: {current.get(key)!r} -> {new.get(key)!r}")
+    if new.reference_stats_key != current.reference_stats_key:
+        reasons.append(
+            f"reference_stats_key: {current.reference_stats_key!r} -> {new.reference_stats_key!r}"
+        )
+    old_settings, new_settings = current.sampling.image_settings(), new.sampling.image_settings()
+    for name, value in new_settings.items():
+        if old_settings[name] != value:
+            reasons.append(f"{name}: {old_settings[name]!r} -> {value!r}")
     return reasons
 
 
 def promote_if_better(
-    store: Store, cfg: PromoteConfig, metrics: dict[str, Any], checkpoint_key: str
-) -> dict[str, Any]:
+    store: Store, cfg: PromoteConfig, metrics: Metrics, checkpoint: Checkpoint
+) -> PromotionDecision:
     """Decide, record the decision in history, and promote when better. Returns the decision."""
-    prefix = model_prefix(cfg.model_name)
-    field = METRIC_FIELD[cfg.metric]
-    if field not in metrics:
+    value = metrics.value(cfg.metric)
+    if value is None:
         raise ValueError(
-            f"promote.metric={cfg.metric!r} but the evaluation has no {field!r}; add it to evaluate.metrics"
+            f"promote.metric={cfg.metric!r} but the evaluation has no {cfg.metric}; add it to evaluate.metrics"
         )
-    current = store.read_json_or_none(f"{prefix}/current.json")
-    value = float(metrics[field])
+    current = Champion.read_or_none(store, layout.model_current(cfg.model_name))
+    current_value = current.metrics.value(cfg.metric) if current else None
     if current is None:
         promote, reason = True, "no model promoted yet"
-    elif reasons := incomparable_reasons(metrics, current["metrics"]):
+    elif reasons := incomparable_reasons(metrics, current.metrics):
         promote, reason = (
             False,
             "not comparable with the promoted model (" + "; ".join(reasons) + ")",
         )
-    elif value < float(current["metrics"][field]):
-        promote, reason = (
-            True,
-            f"{cfg.metric} {value:.4f} < promoted {float(current['metrics'][field]):.4f}",
-        )
+    elif current_value is None or value < current_value:
+        promote, reason = True, f"{cfg.metric} {value:.4f} < promoted {current_value:.4f}"
     else:
         promote, reason = (
             False,
-            f"{cfg.metric} {value:.4f} is not better than promoted {float(current['metrics'][field]):.4f}",
+            f"{cfg.metric} {value:.4f} is not better than promoted {current_value:.4f}",
         )
 
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    decision = {
-        "promoted": promote,
-        "reason": reason,
-        "metric": cfg.metric,
-        "value": value,
-        "checkpoint_key": checkpoint_key,
-        "decided_at": now,
-        "model_name": cfg.model_name,
-    }
+    promoted_key = None
     if promote:
-        copy_key = f"{prefix}/{checkpoint_key.rsplit('/', 1)[-1]}"
-        store.write_bytes(copy_key, store.read_bytes(checkpoint_key))
-        store.write_json(
-            f"{prefix}/current.json",
-            {
-                "checkpoint_key": copy_key,
-                "source_checkpoint_key": checkpoint_key,
-                "metrics": metrics,
-                "promoted_at": now,
-            },
-        )
-        decision["promoted_key"] = copy_key
-    history = store.read_json_or_none(f"{prefix}/history.json") or []
-    store.write_json(f"{prefix}/history.json", [*history, decision])
+        promoted_key = layout.model_checkpoint(cfg.model_name, checkpoint.step)
+        store.write_bytes(promoted_key, checkpoint.read_bytes(store))  # sha256-checked
+        Champion(
+            checkpoint_key=promoted_key,
+            source_checkpoint_key=checkpoint.key,
+            metrics=metrics,
+            promoted_at=now,
+        ).write(store, layout.model_current(cfg.model_name))
+    decision = PromotionDecision(
+        promoted=promote,
+        reason=reason,
+        model_name=cfg.model_name,
+        metric=cfg.metric,
+        value=value,
+        checkpoint_key=checkpoint.key,
+        checkpoint_step=checkpoint.step,
+        promoted_key=promoted_key,
+        decided_at=now,
+    )
+    history_key = layout.model_history(cfg.model_name)
+    history = PromotionHistory.read_or_none(store, history_key)
+    PromotionHistory(decisions=[*(history.decisions if history else []), decision]).write(
+        store, history_key
+    )
     log.info(
         "promotion of %s: %s (%s)",
-        checkpoint_key,
+        checkpoint.key,
         "PROMOTED" if promote else "kept current",
         reason,
     )

@@ -1,4 +1,5 @@
-"""Connecting to Ray: a cluster named by config or $RAY_ADDRESS, else a local one (the embedded default)."""
+"""Connecting to Ray: the cluster at `ray.address` (resolved from $RAY_ADDRESS at config load), else a
+local one (the embedded default)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import logging
 import os
 
 from tasks.config import RayConfig
+from tasks.runtime import setup_process
 
 log = logging.getLogger(__name__)
 
@@ -15,13 +17,12 @@ _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION
 def ensure_ray(cfg: RayConfig) -> None:
     """Initialise Ray once per process. A remote cluster gets our packages shipped as py_modules,
     so its workers need only the dependencies (infra/ray-cluster.yaml installs them)."""
-    # Before Ray is imported: don't let Ray re-run workers through `uv run` in a copied working dir.
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    setup_process()  # before Ray is imported
     import ray
 
     if ray.is_initialized():
         return
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cfg.address
     if address:
         # Only non-secret settings travel; credentials come from the cluster nodes' own environment
         # or instance role (README: Ray cluster), never through Ray's runtime_env.

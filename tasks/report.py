@@ -7,49 +7,73 @@ runs/<run_id>/nightly/latest.json   -> the newest summary (written last)
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
 
+from tasks import layout
+from tasks.records import (
+    Evaluation,
+    NightlySummary,
+    PromotionDecision,
+    SampleSet,
+    ShardResult,
+    TrainResult,
+)
 from tasks.storage import Store
 
 
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def write_nightly_report(
-    store: Store, run_id: str, summary: dict[str, Any], evaluation_md: str
-) -> dict[str, Any]:
+    store: Store,
+    sharded: ShardResult,
+    trained: TrainResult,
+    samples: SampleSet,
+    evaluation: Evaluation,
+    decision: PromotionDecision,
+) -> NightlySummary:
+    run_id = trained.checkpoint.run_id
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    prefix = f"runs/{run_id}/nightly/{stamp}"
-    m, d = summary["metrics"], summary["promotion"]
+    prefix = layout.nightly_prefix(run_id, stamp)
+    m, manifest = evaluation.metrics, sharded.manifest
     lines = [
         f"# Nightly run `{run_id}` — {stamp}",
         "",
         "| stage | result |",
         "|---|---|",
-        f"| shard | {summary['dataset']} {'reused' if summary['shards_reused'] else 'written'} ({store.url(summary['manifest_key'])}) |",
-        f"| train | step {summary['resumed_from'] or 0} -> {summary['step']} ({summary['trained_steps']} steps) |",
-        f"| sample | {m['num_images']} images, {m['sampler']} {m['steps']} steps |",
-        f"| evaluate | FID {_fmt(m.get('fid'))} with {m['extractor']['label']} |",
-        f"| promote | {'PROMOTED' if d['promoted'] else 'not promoted'}: {d['reason']} |",
+        f"| shard | {manifest.dataset} {'reused' if sharded.reused else 'written'} ({store.url(manifest.key)}) |",
+        f"| train | step {trained.resumed_from or 0} -> {trained.checkpoint.step} ({trained.trained_steps} steps) |",
+        f"| sample | {m.num_images} images, {m.sampling.sampler} {m.sampling.steps} steps |",
+        f"| evaluate | FID {_fmt(m.fid)} with {m.extractor.label} |",
+        f"| promote | {'PROMOTED' if decision.promoted else 'not promoted'}: {decision.reason} |",
         "",
     ]
-    if not m["extractor"]["standard"]:
+    if not m.extractor.standard:
         lines += [
             "> **Warning:** this FID was computed with a non-standard feature extractor; it is NOT comparable "
             "with published FIDs, only with other runs using the same extractor weights "
-            f"(sha256 `{m['extractor']['weights_sha256'][:16]}…`).",
+            f"(sha256 `{m.extractor.weights_sha256[:16]}…`).",
             "",
         ]
-    lines += ["---", "", evaluation_md]
-    report_key = f"{prefix}/report.md"
+    lines += ["---", "", evaluation.report_markdown]
+    report_key = layout.nightly_report(prefix)
     store.write_text(report_key, "\n".join(lines))
-    full = {
-        **summary,
-        "report_key": report_key,
-        "report_url": store.url(report_key),
-        "stamp": stamp,
-    }
-    store.write_json(f"{prefix}/summary.json", full)
-    store.write_json(f"runs/{run_id}/nightly/latest.json", full)
-    return full
+    summary = NightlySummary(
+        run_id=run_id,
+        stamp=stamp,
+        dataset=manifest.dataset,
+        manifest_key=manifest.key,
+        shards_reused=sharded.reused,
+        step=trained.checkpoint.step,
+        resumed_from=trained.resumed_from,
+        trained_steps=trained.trained_steps,
+        checkpoint_key=trained.checkpoint.key,
+        samples_key=samples.key,
+        metrics=m,
+        promotion=decision,
+        report_key=report_key,
+        report_url=store.url(report_key),
+    )
+    summary.write(store, layout.nightly_summary(prefix))
+    summary.write(store, layout.nightly_latest(run_id))
+    return summary

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,15 +22,15 @@ from diffusion_core.perf import autocast, configure_model_for_device
 from diffusion_core.samplers import make_eps_denoiser, sample
 from diffusion_core.schedules import alpha_bar_from_betas, make_betas, make_timesteps
 from diffusion_core.seeding import ImageNoise
-from diffusion_core.unet import UNet, UNetConfig
-from tasks.config import PipelineConfig, SampleConfig, StorageConfig
+from diffusion_core.unet import UNet
+from tasks import layout
+from tasks.config import ModelConfig, RayConfig, SampleConfig, StorageConfig
 from tasks.ray_runtime import ensure_ray
-from tasks.storage import Store
-from tasks.webdata import encode_png, write_shard
+from tasks.records import Checkpoint, SampleSet, SampleShard
+from tasks.storage import Store, open_store
+from tasks.webdata import RawSample, encode_png, write_shard
 
 log = logging.getLogger(__name__)
-
-SAMPLES_FORMAT = "diffusion-pipeline/samples@1"
 
 
 def seed_ranges(num_images: int, per_task: int, seed_start: int) -> list[tuple[int, int]]:
@@ -46,58 +45,42 @@ def label_for_seed(seed: int, num_classes: int) -> int:
     return seed % num_classes
 
 
-def sample_set_prefix(run_id: str, step: int, cfg: SampleConfig) -> str:
-    """Where a sample set lives; the name changes with every setting that changes the images."""
-    settings = {
-        k: v
-        for k, v in cfg.model_dump(mode="json").items()
-        if k
-        in (
-            "sampler",
-            "steps",
-            "spacing",
-            "eta",
-            "guidance_scale",
-            "seed_start",
-            "num_images",
-            "use_ema",
-            "bf16",
-        )
-    }
+def sample_set_name(checkpoint: Checkpoint, cfg: SampleConfig) -> str:
+    """A sample set's name: the checkpoint step and every setting that changes the images."""
+    settings = {"format": SampleSet.expected_format(), **cfg.image_settings()}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    return f"runs/{run_id}/samples/step-{step:08d}-{cfg.sampler}-{cfg.steps}-{digest}"
+    return layout.sample_set_name(checkpoint.step, cfg.sampler, cfg.steps, digest)
 
 
-def denoiser_weights(state: dict[str, Any], *, use_ema: bool) -> dict[str, torch.Tensor]:
-    """The weights to sample with: the EMA's when asked and present (a training checkpoint), else
-    `model` (also what a sampling weights file holds)."""
-    return state["ema"]["model"] if use_ema and "model" in state.get("ema", {}) else state["model"]
+def find_sample_set(store: Store, checkpoint: Checkpoint, cfg: SampleConfig) -> SampleSet | None:
+    """The complete sample set of `checkpoint` with these settings, or None."""
+    prefix = layout.sample_set_prefix(checkpoint.run_id, sample_set_name(checkpoint, cfg))
+    return SampleSet.read_or_none(store, layout.sample_manifest(prefix))
 
 
 def load_denoiser_net(
-    state: dict[str, Any], *, use_ema: bool, device: torch.device
-) -> tuple[UNet, dict[str, Any]]:
-    config = state["config"]
-    net = UNet(UNetConfig.from_dict(config["unet"]))
-    net.load_state_dict(denoiser_weights(state, use_ema=use_ema))
-    return net.to(device).eval().requires_grad_(False), config
+    weights: dict[str, torch.Tensor], checkpoint: Checkpoint, device: torch.device
+) -> UNet:
+    net = UNet(checkpoint.unet)
+    net.load_state_dict(weights)
+    return net.to(device).eval().requires_grad_(False)
 
 
 @torch.inference_mode()
 def generate(
     net: torch.nn.Module,
-    config: dict[str, Any],
+    checkpoint: Checkpoint,
     seeds: list[int],
     cfg: SampleConfig,
     device: torch.device,
 ) -> tuple[np.ndarray, list[int | None]]:
     """Images for `seeds` as uint8 [N, C, H, W] and their labels (None when unconditional)."""
-    model = config["model"]
-    alpha_bar = alpha_bar_from_betas(make_betas(model["schedule"], model["num_timesteps"])).to(
+    model: ModelConfig = checkpoint.model
+    ucfg = checkpoint.unet  # `net` may be a compiled wrapper
+    alpha_bar = alpha_bar_from_betas(make_betas(model.schedule, model.num_timesteps)).to(device)
+    timesteps = make_timesteps(model.num_timesteps, cfg.steps, cfg.spacing, alpha_bar=alpha_bar).to(
         device
     )
-    timesteps = make_timesteps(model["num_timesteps"], cfg.steps, cfg.spacing).to(device)
-    ucfg = UNetConfig.from_dict(config["unet"])  # `net` may be a compiled wrapper
     shape = (ucfg.in_channels, ucfg.image_size, ucfg.image_size)
     out: list[np.ndarray] = []
     labels: list[int | None] = []
@@ -110,7 +93,7 @@ def generate(
         denoiser = make_eps_denoiser(
             net,
             alpha_bar=alpha_bar,
-            prediction_type=model["prediction_type"],
+            prediction_type=model.prediction_type,
             class_labels=y,
             guidance_scale=cfg.guidance_scale,
             null_label=ucfg.num_classes,
@@ -133,32 +116,34 @@ def generate(
 
 def sample_seed_range(
     storage: StorageConfig,
+    checkpoint: Checkpoint,
     weights_key: str,
     cfg: SampleConfig,
     seed_start: int,
     seed_stop: int,
     shard_key: str,
-) -> dict[str, Any]:
-    """One unit of work: generate seeds [seed_start, seed_stop) and write their shard. Idempotent.
+    receipt_key: str,
+) -> tuple[SampleShard, bool]:
+    """One unit of work: generate seeds [seed_start, seed_stop) and write their shard, then its
+    receipt. Idempotent: returns (receipt, reused), reused when the receipt already existed.
 
-    `weights_key` is a sample set's `weights.pt` or a training checkpoint (EMA used per `cfg.use_ema`).
+    `weights_key` holds {"model": the weights to sample with} (a sample set's weights.pt).
     """
-    store = Store(storage)
-    receipt_key = shard_key.removesuffix(".tar") + ".json"
-    done = store.read_json_or_none(receipt_key)
+    store = open_store(storage)
+    done = SampleShard.read_or_none(store, receipt_key)
     if done is not None and store.exists(shard_key):
-        return {**done, "reused": True}
+        return done, True
     device = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     state = load_checkpoint(store.read_bytes(weights_key), map_location=device)
-    unet, config = load_denoiser_net(state, use_ema=cfg.use_ema, device=device)
+    unet = load_denoiser_net(state["model"], checkpoint, device)
     net: torch.nn.Module = unet
     if cfg.channels_last or cfg.compile:
         net = configure_model_for_device(
             net, device, channels_last=cfg.channels_last, compile=cfg.compile
         )
     seeds = list(range(seed_start, seed_stop))
-    images, labels = generate(net, config, seeds, cfg, device)
-    samples = (
+    images, labels = generate(net, checkpoint, seeds, cfg, device)
+    samples: list[RawSample] = [
         {
             "__key__": f"{seed:010d}",
             "png": encode_png(img.transpose(1, 2, 0)),
@@ -166,82 +151,98 @@ def sample_seed_range(
             **({"cls": label} if label is not None else {}),
         }
         for seed, img, label in zip(seeds, images, labels, strict=True)
-    )
+    ]
     info = write_shard(store, shard_key, samples)
-    receipt = {**info.to_dict(), "seed_start": seed_start, "seed_stop": seed_stop}
-    store.write_json(receipt_key, receipt)
-    return {**receipt, "reused": False}
+    receipt = SampleShard(**info.model_dump(), seed_start=seed_start, seed_stop=seed_stop)
+    receipt.write(store, receipt_key)
+    return receipt, False
 
 
-def sample_images(cfg: PipelineConfig, checkpoint_key: str) -> dict[str, Any]:
-    """Fan the seed ranges out as Ray tasks; returns the sample-set manifest (with `manifest_key`)."""
-    store = Store(cfg.storage)
-    sc = cfg.sample
-    state = load_checkpoint(store.read_bytes(checkpoint_key))
-    step, ucfg = int(state["step"]), state["config"]["unet"]
-    if sc.sampler == "heun" and state["config"]["model"]["schedule"] == "cosine":
+def _write_weights(store: Store, checkpoint: Checkpoint, use_ema: bool, key: str) -> None:
+    """The weights the tasks sample with, alone: a training checkpoint also holds the raw model and
+    AdamW's two moments (~4x the bytes), which every task would otherwise download."""
+    state = load_checkpoint(checkpoint.read_bytes(store))
+    weights = (
+        state["ema"]["model"] if use_ema and "model" in state.get("ema", {}) else state["model"]
+    )
+    store.write_bytes(
+        key,
+        save_checkpoint(
+            {
+                "model": weights,
+                "step": checkpoint.step,
+                "config": checkpoint.model_dump(mode="json"),
+            }
+        ),
+    )
+
+
+def sample_images(
+    store: Store, cfg: SampleConfig, ray_cfg: RayConfig, checkpoint: Checkpoint
+) -> SampleSet:
+    """Fan the seed ranges of `checkpoint`'s sample set out as Ray tasks; the manifest is last.
+
+    A complete set is returned as it is, without touching the checkpoint."""
+    name = sample_set_name(checkpoint, cfg)
+    prefix = layout.sample_set_prefix(checkpoint.run_id, name)
+    existing = SampleSet.read_or_none(store, layout.sample_manifest(prefix))
+    if existing is not None:
+        log.info("sample set %s is complete: reusing it", store.url(prefix))
+        return existing
+    if cfg.sampler == "heun" and checkpoint.model.schedule == "cosine":
         log.warning(
             "sampler 'heun' on the cosine schedule is very inaccurate at practical step counts "
             "(it starts from sigma ~2e4; benchmarks/RESULTS.md): prefer ddim or dpmpp_2m"
         )
-    prefix = sample_set_prefix(cfg.train.run_id, step, sc)
-    manifest_key = f"{prefix}/manifest.json"
-    existing = store.read_json_or_none(manifest_key)
-    if existing is not None:
-        log.info("sample set %s is complete: reusing it", store.url(prefix))
-        return {**existing, "manifest_key": manifest_key, "reused": True}
 
-    # The tasks read only the weights they use: a training checkpoint also holds the raw model and
-    # AdamW's two moments (~4x the bytes), which every task would otherwise download.
-    weights_key = f"{prefix}/weights.pt"
+    weights_key = layout.sample_weights(prefix)
     if not store.exists(weights_key):
-        weights = denoiser_weights(state, use_ema=sc.use_ema)
-        store.write_bytes(
-            weights_key,
-            save_checkpoint({"model": weights, "step": step, "config": state["config"]}),
-        )
+        _write_weights(store, checkpoint, cfg.use_ema, weights_key)
 
-    ensure_ray(cfg.ray)
+    ensure_ray(ray_cfg)
     import ray
 
+    # Ray re-runs a task whose worker process died; errors were already retried by the store.
     remote = ray.remote(sample_seed_range).options(
-        num_cpus=sc.cpus_per_task,
-        num_gpus=1 if sc.use_gpu else 0,
+        num_cpus=cfg.cpus_per_task,
+        num_gpus=1 if cfg.use_gpu else 0,
         max_retries=3,
-        retry_exceptions=[ConnectionError, TimeoutError],
+        retry_exceptions=False,
     )
-    ranges = seed_ranges(sc.num_images, sc.images_per_task, sc.seed_start)
+    ranges = seed_ranges(cfg.num_images, cfg.images_per_task, cfg.seed_start)
     refs = [
-        remote.remote(store.config, weights_key, sc, a, b, f"{prefix}/shard-{n:06d}.tar")
+        remote.remote(
+            store.config,
+            checkpoint,
+            weights_key,
+            cfg,
+            a,
+            b,
+            layout.sample_shard(prefix, n),
+            layout.sample_receipt(prefix, n),
+        )
         for n, (a, b) in enumerate(ranges)
     ]
-    shards = ray.get(refs)
-    reused = sum(s.pop("reused") for s in shards)
+    results: list[tuple[SampleShard, bool]] = ray.get(refs)
+    shards = [shard for shard, _ in results]
     log.info(
         "sampled %d images in %d shards (%d reused) -> %s",
-        sc.num_images,
+        cfg.num_images,
         len(shards),
-        reused,
+        sum(reused for _, reused in results),
         store.url(prefix),
     )
-    manifest = {
-        "format": SAMPLES_FORMAT,
-        "run_id": cfg.train.run_id,
-        "checkpoint_key": checkpoint_key,
-        "checkpoint_step": step,
-        "weights_key": weights_key,
-        "num_images": sc.num_images,
-        "sampler": sc.sampler,
-        "steps": sc.steps,
-        "spacing": sc.spacing,
-        "eta": sc.eta,
-        "guidance_scale": sc.guidance_scale,
-        "use_ema": sc.use_ema,
-        "image_size": ucfg["image_size"],
-        "channels": ucfg["in_channels"],
-        "shards": shards,
-        "config": sc.model_dump(mode="json"),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    store.write_json(manifest_key, manifest)
-    return {**manifest, "manifest_key": manifest_key, "reused": False}
+    sample_set = SampleSet(
+        name=name,
+        run_id=checkpoint.run_id,
+        checkpoint=checkpoint,
+        weights_key=weights_key,
+        num_images=cfg.num_images,
+        image_size=checkpoint.unet.image_size,
+        channels=checkpoint.unet.in_channels,
+        shards=shards,
+        config=cfg,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    sample_set.write(store, layout.sample_manifest(prefix))
+    return sample_set

@@ -15,19 +15,17 @@ from __future__ import annotations
 import hashlib
 import logging
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 
+from tasks import layout
 from tasks.config import DataConfig
 from tasks.datasets import Source, load_source
+from tasks.records import DatasetManifest, RecordFormatError, ShardResult, SplitInfo
 from tasks.storage import Store
 from tasks.webdata import encode_png, write_shard
 
 log = logging.getLogger(__name__)
-
-MANIFEST_FORMAT = "diffusion-pipeline/dataset@1"
-SPLITS = ("train", "holdout")
 
 
 def shard_fingerprint(source_fingerprint: str, cfg: DataConfig) -> str:
@@ -36,7 +34,7 @@ def shard_fingerprint(source_fingerprint: str, cfg: DataConfig) -> str:
     return hashlib.sha256(settings.encode()).hexdigest()
 
 
-def split_indices(n: int, holdout_fraction: float, seed: int) -> dict[str, np.ndarray]:
+def split_indices(n: int, holdout_fraction: float, seed: int) -> dict[layout.Split, np.ndarray]:
     """A seeded permutation cut into holdout (at least one image) and train (at least one image)."""
     if n < 2:
         raise ValueError(
@@ -47,31 +45,30 @@ def split_indices(n: int, holdout_fraction: float, seed: int) -> dict[str, np.nd
     return {"holdout": np.sort(order[:n_holdout]), "train": np.sort(order[n_holdout:])}
 
 
-def _manifest_is_complete(store: Store, manifest: dict[str, Any]) -> bool:
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
+def _manifest_is_complete(store: Store, manifest: DatasetManifest) -> bool:
+    for split in manifest.splits.values():
+        for shard in split.shards:
             try:
-                size = store.fs.info(store.path(shard["key"]))["size"]
+                if store.size(shard.key) != shard.bytes:
+                    return False
             except FileNotFoundError:
-                return False
-            if size != shard["bytes"]:
                 return False
     return True
 
 
-def verify_manifest(store: Store, manifest: dict[str, Any]) -> list[str]:
+def verify_manifest(store: Store, manifest: DatasetManifest) -> list[str]:
     """Re-hash every shard; returns the keys whose sha256 differs from the manifest (empty = all good)."""
     bad = []
-    for split in manifest["splits"].values():
-        for shard in split["shards"]:
-            if not store.exists(shard["key"]) or store.sha256(shard["key"]) != shard["sha256"]:
-                bad.append(shard["key"])
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            if not store.exists(shard.key) or store.sha256(shard.key) != shard.sha256:
+                bad.append(shard.key)
     return bad
 
 
 def _write_split(
-    store: Store, prefix: str, split: str, src: Source, idx: np.ndarray, per_shard: int
-) -> dict[str, Any]:
+    store: Store, prefix: str, split: layout.Split, src: Source, idx: np.ndarray, per_shard: int
+) -> SplitInfo:
     shards = []
     for n, start in enumerate(range(0, len(idx), per_shard)):
         chunk = idx[start : start + per_shard]
@@ -83,63 +80,55 @@ def _write_split(
             }
             for i in chunk
         )
-        info = write_shard(store, f"{prefix}/{split}-{n:06d}.tar", samples)
-        shards.append(info.to_dict())
+        info = write_shard(store, layout.dataset_shard(prefix, split, n), samples)
+        shards.append(info)
         log.info("wrote %s (%d images)", store.url(info.key), info.count)
-    return {"count": int(len(idx)), "shards": shards}
+    return SplitInfo(count=int(len(idx)), shards=shards)
 
 
-def shard_dataset(cfg: DataConfig, store: Store) -> dict[str, Any]:
-    """Shard `cfg.dataset` into `store` (or reuse an identical earlier run); returns the manifest.
-
-    The returned dict also carries `manifest_key` and `reused` (not stored).
-    """
+def shard_dataset(cfg: DataConfig, store: Store) -> ShardResult:
+    """Shard `cfg.dataset` into `store`, or reuse an identical earlier set; the manifest is last."""
     src = load_source(cfg)
     source_fp = src.fingerprint()
     fingerprint = shard_fingerprint(source_fp, cfg)
-    prefix = f"datasets/{src.name}-{fingerprint[:12]}"
-    manifest_key = f"{prefix}/manifest.json"
+    prefix = layout.dataset_prefix(src.name, fingerprint)
+    manifest_key = layout.dataset_manifest(prefix)
 
-    existing = store.read_json_or_none(manifest_key)
+    try:
+        existing = DatasetManifest.read_or_none(store, manifest_key)
+    except RecordFormatError as err:
+        log.warning("rewriting the shard set: %s", err)
+        existing = None
     if (
-        existing
-        and existing.get("fingerprint") == fingerprint
+        existing is not None
+        and existing.fingerprint == fingerprint
         and _manifest_is_complete(store, existing)
     ):
         log.info("reusing shards of %s (fingerprint %s)", store.url(prefix), fingerprint[:12])
-        return {**existing, "manifest_key": manifest_key, "reused": True}
+        return ShardResult(manifest=existing, reused=True)
 
     splits = split_indices(len(src.images), cfg.holdout_fraction, cfg.seed)
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "dataset": src.name,
-        "fingerprint": fingerprint,
-        "source_fingerprint": source_fp,
-        "image_size": int(src.images.shape[-1]),
-        "channels": int(src.images.shape[1]),
-        "num_classes": len(src.class_names),
-        "class_names": src.class_names,
-        "splits": {
-            s: _write_split(store, prefix, s, src, splits[s], cfg.samples_per_shard) for s in SPLITS
+    manifest = DatasetManifest(
+        dataset=src.name,
+        fingerprint=fingerprint,
+        source_fingerprint=source_fp,
+        image_size=int(src.images.shape[-1]),
+        channels=int(src.images.shape[1]),
+        num_classes=len(src.class_names),
+        class_names=src.class_names,
+        splits={
+            s: _write_split(store, prefix, s, src, splits[s], cfg.samples_per_shard)
+            for s in layout.SPLITS
         },
-        "config": cfg.model_dump(mode="json"),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    store.write_json(manifest_key, manifest)
+        config=cfg,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    manifest.write(store, manifest_key)
     log.info(
         "sharded %s: %d train / %d holdout images -> %s",
         src.name,
-        manifest["splits"]["train"]["count"],
-        manifest["splits"]["holdout"]["count"],
+        manifest.split("train").count,
+        manifest.split("holdout").count,
         store.url(prefix),
     )
-    return {**manifest, "manifest_key": manifest_key, "reused": False}
-
-
-def load_manifest(store: Store, manifest_key: str) -> dict[str, Any]:
-    manifest = store.read_json(manifest_key)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(
-            f"{store.url(manifest_key)} is not a dataset manifest (format {manifest.get('format')!r})"
-        )
-    return {**manifest, "manifest_key": manifest_key}
+    return ShardResult(manifest=manifest, reused=False)

@@ -9,54 +9,23 @@ aborted on error (s3fs would otherwise commit a partial object when an exception
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import fsspec
 
 from tasks.config import StorageConfig
-
-T = TypeVar("T")
-
-# Errors worth retrying: the network and the store's transient answers, never a missing key or bad data.
-_TRANSIENT = (ConnectionError, TimeoutError, OSError)
+from tasks.retry import retry_transient
 
 
-def retry_transient(fn: Callable[[], T], *, attempts: int = 4, first_delay: float = 0.5) -> T:
-    """Run `fn`, retrying transient I/O errors with exponential backoff; deterministic errors propagate."""
-    delay = first_delay
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
-            raise
-        except _TRANSIENT:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
-
-
-def resolve_storage(cfg: StorageConfig) -> StorageConfig:
-    """Make a local root absolute (Ray workers run in another directory) and fill the endpoint from env."""
-    root = cfg.root
-    if "://" not in root:
-        root = Path(root).expanduser().resolve().as_uri()
-    endpoint = (
-        cfg.endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
-    if not root.startswith("s3://"):
-        endpoint = None
-    return cfg.model_copy(update={"root": root, "endpoint_url": endpoint})
+class StorageError(RuntimeError):
+    """The store cannot be used as configured (missing bucket, unreachable endpoint)."""
 
 
 @contextlib.contextmanager
@@ -90,73 +59,90 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 class Store:
-    """Keys are '/'-separated paths below the configured root, e.g. `runs/nightly/checkpoints/latest.json`."""
+    """Keys are '/'-separated paths below the configured root, e.g. `runs/nightly/config.json`.
+
+    Built from a resolved `StorageConfig` (`tasks.config.resolve_storage`: an absolute local path
+    or an S3 URL with its endpoint); `open_store` builds one per process and config.
+    """
 
     def __init__(self, cfg: StorageConfig):
-        self.config = resolve_storage(cfg)
-        protocol = self.config.root.partition("://")[0]
-        self.protocol = protocol
-        options: dict[str, Any] = {}
-        if protocol == "s3":
-            client_kwargs: dict[str, Any] = {}
-            if self.config.endpoint_url:
-                client_kwargs["endpoint_url"] = self.config.endpoint_url
-            if self.config.region:
-                client_kwargs["region_name"] = self.config.region
+        if cfg.is_local and not os.path.isabs(cfg.root):
+            raise ValueError(
+                f"storage root {cfg.root!r} is not resolved; build the config with "
+                "tasks.config.load_config or resolve_storage"
+            )
+        self.config = cfg
+        self.is_local = cfg.is_local
+        self.protocol = "file" if self.is_local else "s3"
+        options: dict[str, Any] = {}  # fsspec's keyword arguments for the filesystem
+        if not self.is_local:
+            client_kwargs: dict[str, str] = {}
+            if cfg.endpoint_url:
+                client_kwargs["endpoint_url"] = cfg.endpoint_url
+            if cfg.region:
+                client_kwargs["region_name"] = cfg.region
             options["client_kwargs"] = client_kwargs
             # Cached listings go stale when another process (a Ray worker) writes the same prefix.
             options["use_listings_cache"] = False
-        self.fs = fsspec.filesystem(protocol, **options)
-        self.root_path = self.fs._strip_protocol(self.config.root).rstrip("/")
-        self.is_local = protocol == "file"
+        self.fs = fsspec.filesystem(self.protocol, **options)
         if self.is_local:
+            # Taken literally: no URL decoding, so spaces, '#', '?' and '%' stay what they are.
+            self.root_path = cfg.root.rstrip("/") or "/"
             Path(self.root_path).mkdir(parents=True, exist_ok=True)
-        elif protocol == "s3":
-            bucket = self.root_path.split("/", 1)[0]
-            try:
-                exists = self.fs.exists(bucket)
-            except PermissionError:
-                exists = True  # listing buckets may be denied while objects are allowed
-            if not exists:
-                raise FileNotFoundError(
-                    f"bucket {bucket!r} of storage root {self.config.root!r} does not exist or is not reachable "
-                    f"at endpoint {self.config.endpoint_url or 'AWS default'}; create it first "
-                    f"(e.g. `aws s3 mb s3://{bucket}`) or fix storage.endpoint_url / AWS_ENDPOINT_URL"
-                )
+        else:
+            self.root_path = cfg.root.removeprefix("s3://").rstrip("/")
+            self._check_bucket()
+
+    def _check_bucket(self) -> None:
+        bucket = self.root_path.split("/", 1)[0]
+        try:
+            exists = retry_transient(lambda: self.fs.exists(bucket))
+        except PermissionError:
+            exists = True  # listing buckets may be denied while objects are allowed
+        if not exists:
+            raise StorageError(
+                f"bucket {bucket!r} of storage root {self.config.root!r} does not exist or is not "
+                f"reachable at endpoint {self.config.endpoint_url or 'AWS default'}; create it "
+                f"first (e.g. `aws s3 mb s3://{bucket}`) or fix storage.endpoint_url / AWS_ENDPOINT_URL"
+            )
 
     # -- addressing ---------------------------------------------------------------------------
     def path(self, key: str) -> str:
+        """The filesystem path of `key`; a key that would leave the root is refused."""
         key = key.strip("/")
-        return f"{self.root_path}/{key}" if key else self.root_path
+        parts = key.split("/")
+        if key and any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"storage key {key!r} is not a plain path below the storage root")
+        return f"{self.root_path.rstrip('/')}/{key}" if key else self.root_path
 
     def url(self, key: str) -> str:
-        """Full URL of a key (what webdataset, reports and logs show)."""
+        """Full URL of a key (what reports and logs show)."""
         return f"{self.protocol}://{self.path(key)}"
 
-    def key_of(self, path_or_url: str) -> str:
-        path = self.fs._strip_protocol(path_or_url)
-        if not path.startswith(self.root_path + "/"):
-            raise ValueError(f"{path_or_url!r} is not below the storage root {self.config.root!r}")
-        return path[len(self.root_path) + 1 :]
+    def key_of(self, path: str) -> str:
+        """The key of a filesystem path below the root (as `fs.ls` returns them)."""
+        path = path.removeprefix(f"{self.protocol}://")
+        root = self.root_path.rstrip("/") + "/"
+        if not path.startswith(root):
+            raise ValueError(f"{path!r} is not below the storage root {self.config.root!r}")
+        return path[len(root) :]
 
     # -- reads --------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
-        return retry_transient(lambda: self.fs.exists(self.path(key)))
+        return retry_transient(lambda: bool(self.fs.exists(self.path(key))))
+
+    def size(self, key: str) -> int:
+        return retry_transient(lambda: int(self.fs.size(self.path(key))))
 
     def read_bytes(self, key: str) -> bytes:
-        return retry_transient(lambda: self.fs.cat_file(self.path(key)))
+        return retry_transient(lambda: bytes(self.fs.cat_file(self.path(key))))
 
-    def read_json(self, key: str) -> Any:
+    def read_json(self, key: str) -> Any:  # decoded JSON: its shape is the caller's record type
         return json.loads(self.read_bytes(key))
 
-    def read_json_or_none(self, key: str) -> Any | None:
-        try:
-            return self.read_json(key)
-        except FileNotFoundError:
-            return None
-
     def open_read(self, key: str) -> IO[bytes]:
-        return self.fs.open(self.path(key), "rb")
+        f: IO[bytes] = self.fs.open(self.path(key), "rb")
+        return f
 
     def list(self, prefix: str) -> list[str]:
         """Keys of the objects directly below `prefix` (a 'folder'), sorted; [] when there is none."""
@@ -168,8 +154,11 @@ class Store:
         return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith(".tmp-"))
 
     def sha256(self, key: str) -> str:
-        with self.open_read(key) as f:
-            return sha256_stream(f)
+        def digest() -> str:
+            with self.open_read(key) as f:
+                return sha256_stream(f)
+
+        return retry_transient(digest)
 
     # -- atomic writes ------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -196,7 +185,7 @@ class Store:
 
         retry_transient(put)
 
-    def write_json(self, key: str, obj: Any) -> None:
+    def write_json(self, key: str, obj: Any) -> None:  # any JSON-able value
         self.write_bytes(key, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
     def write_text(self, key: str, text: str) -> None:
@@ -206,22 +195,11 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(key))
 
-    # -- webdataset -----------------------------------------------------------------------
-    def register_webdataset_opener(self) -> None:
-        """Let webdataset open this store's URLs through fsspec (it has no s3:// opener of its own).
 
-        Registered per process: Ray workers call it after building their Store.
-        """
-        if self.is_local:
-            return  # webdataset opens file:// URLs itself
-        from webdataset.gopen import gopen_schemes
-
-        fs = self.fs
-
-        def gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> IO[bytes]:
-            return fs.open(url, mode, block_size=max(bufsize, 1 << 22))
-
-        gopen_schemes[self.protocol] = gopen_fsspec
+@functools.lru_cache(maxsize=8)
+def open_store(cfg: StorageConfig) -> Store:
+    """The process's `Store` for a resolved config: built (and an S3 bucket checked) once."""
+    return Store(cfg)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -8,20 +8,23 @@ name or storage path runs it next.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from typing import Any
 
 import torch
 
+from tasks import layout
 from tasks.config import PipelineConfig
 from tasks.ray_runtime import ensure_ray
+from tasks.records import Checkpoint, DatasetManifest, TrainResult
 from tasks.storage import Store
-from tasks.train_loop import TrainJob, read_latest, run_prefix, run_training
+from tasks.train_loop import TrainJob, run_training
 
 log = logging.getLogger(__name__)
 
 
-def _train_loop_per_worker(config: dict[str, Any]) -> None:
+def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     job: TrainJob = config["job"]
     import ray.train
     import ray.train.torch
@@ -50,66 +53,56 @@ def target_step(cfg: PipelineConfig, done: int, *, nightly: bool) -> int:
 
 
 def train(
-    cfg: PipelineConfig, manifest: dict[str, Any], *, nightly: bool = False
-) -> dict[str, Any]:
-    """Run (or resume) training to the target step; returns {"run_id", "step", "checkpoint_key", "resumed_from", ...}."""
-    store = Store(cfg.storage)
-    latest = read_latest(store, cfg.train.run_id)
-    target = target_step(cfg, latest["step"] if latest else 0, nightly=nightly)
-    if latest is not None and latest["step"] >= target:
+    cfg: PipelineConfig, store: Store, manifest: DatasetManifest, *, nightly: bool = False
+) -> TrainResult:
+    """Run (or resume) training of `train.run_id` to its target step on the dataset `manifest`."""
+    tc = cfg.train
+    latest = Checkpoint.latest(store, tc.run_id)
+    target = target_step(cfg, latest.step if latest else 0, nightly=nightly)
+    if latest is not None and latest.step >= target:
         log.info(
             "run %s is already at step %d (target %d): nothing to train",
-            cfg.train.run_id,
-            latest["step"],
+            tc.run_id,
+            latest.step,
             target,
         )
-        return {
-            "run_id": cfg.train.run_id,
-            "step": latest["step"],
-            "checkpoint_key": latest["key"],
-            "resumed_from": latest["step"],
-            "trained_steps": 0,
-        }
+        return TrainResult(checkpoint=latest, resumed_from=latest.step, trained_steps=0, loss=None)
 
-    store.write_json(f"{run_prefix(cfg.train.run_id)}/config.json", cfg.model_dump(mode="json"))
-    job = TrainJob(
-        config=cfg,
-        storage=store.config,
-        target_step=target,
-        manifest={k: v for k, v in manifest.items() if k != "reused"},
-    )
+    store.write_json(layout.run_config(tc.run_id), cfg.model_dump(mode="json"))
+    job = TrainJob(config=cfg, target_step=target, manifest=manifest)
 
     ensure_ray(cfg.ray)
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    tc = cfg.train
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config={"job": job},
-        scaling_config=ScalingConfig(
-            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
-        ),
-        # Ray's own storage only holds its run metadata; our checkpoints live in the object store.
-        run_config=RunConfig(
-            name=f"{tc.run_id}-{target}", storage_path=tempfile.mkdtemp(prefix="diffpipe-ray-")
-        ),
-    )
-    result = trainer.fit()
-    final = read_latest(store, tc.run_id)
-    if final is None or final["step"] != target:
-        raise RuntimeError(
-            f"training of run {tc.run_id} ended without a checkpoint at step {target} (latest: {final})"
+    # Ray's own storage only holds its run metadata; our checkpoints live in the object store.
+    ray_storage = tempfile.mkdtemp(prefix="diffpipe-ray-")
+    try:
+        trainer = TorchTrainer(
+            _train_loop_per_worker,
+            train_loop_config={"job": job},
+            scaling_config=ScalingConfig(
+                num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+            ),
+            run_config=RunConfig(name=f"{tc.run_id}-{target}", storage_path=ray_storage),
         )
-    start = latest["step"] if latest else 0
-    return {
-        "run_id": tc.run_id,
-        "step": target,
-        "checkpoint_key": final["key"],
-        "resumed_from": latest["step"] if latest else None,
-        "trained_steps": target - start,
-        "metrics": dict(result.metrics or {}),
-    }
+        result = trainer.fit()
+    finally:
+        shutil.rmtree(ray_storage, ignore_errors=True)
+    final = Checkpoint.latest(store, tc.run_id)
+    if final is None or final.step != target:
+        raise RuntimeError(
+            f"training of run {tc.run_id} ended without a checkpoint at step {target} "
+            f"(latest: {final.step if final else None})"
+        )
+    loss = (result.metrics or {}).get("loss")  # the last logging window's, reported at the end
+    start = latest.step if latest else 0
+    return TrainResult(
+        checkpoint=final,
+        resumed_from=latest.step if latest else None,
+        trained_steps=target - start,
+        loss=float(loss) if loss is not None else None,
+    )

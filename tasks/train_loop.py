@@ -9,13 +9,11 @@ checkpoint, and the data position, the noise and the dropout masks of a step are
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import count, islice
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,48 +25,33 @@ from diffusion_core.objectives import training_loss
 from diffusion_core.perf import autocast
 from diffusion_core.schedules import alpha_bar_from_betas, make_betas
 from diffusion_core.unet import UNet, UNetConfig
-from tasks.config import ModelConfig, PipelineConfig, StorageConfig, TrainConfig
-from tasks.storage import Store, sha256_bytes
-from tasks.webdata import decode_sample, iter_raw_samples
+from tasks import layout
+from tasks.config import ModelConfig, PipelineConfig, TrainConfig
+from tasks.records import Checkpoint, DatasetManifest, ShardInfo, TrainResult
+from tasks.storage import Store, open_store, sha256_bytes
+from tasks.webdata import RawSample, decode_sample, iter_raw_samples
 
 log = logging.getLogger(__name__)
 
 
-def run_prefix(run_id: str) -> str:
-    return f"runs/{run_id}"
-
-
-def checkpoint_key(run_id: str, step: int) -> str:
-    return f"{run_prefix(run_id)}/checkpoints/step-{step:08d}.pt"
-
-
-def latest_key(run_id: str) -> str:
-    return f"{run_prefix(run_id)}/checkpoints/latest.json"
-
-
-def read_latest(store: Store, run_id: str) -> dict[str, Any] | None:
-    """{"step", "key", "sha256"} of the newest complete checkpoint of `run_id`, or None."""
-    return store.read_json_or_none(latest_key(run_id))
-
-
-def unet_config_for(model: ModelConfig, manifest: dict[str, Any]) -> UNetConfig:
+def unet_config_for(model: ModelConfig, manifest: DatasetManifest) -> UNetConfig:
     """The network's shape comes from the data (size, channels, classes) and the model section."""
     return UNetConfig(
-        in_channels=manifest["channels"],
-        image_size=manifest["image_size"],
+        in_channels=manifest.channels,
+        image_size=manifest.image_size,
         base_channels=model.base_channels,
         channel_mult=tuple(model.channel_mult),
         num_res_blocks=model.num_res_blocks,
         attention_resolutions=tuple(model.attention_resolutions),
         dropout=model.dropout,
-        num_classes=manifest["num_classes"] if model.class_conditional else None,
+        num_classes=manifest.num_classes if model.class_conditional else None,
     )
 
 
 # -- data ---------------------------------------------------------------------------------------
 def shards_for_rank(
-    shards: list[dict[str, Any]], rank: int, world_size: int, epoch: int, seed: int
-) -> list[dict[str, Any]]:
+    shards: list[ShardInfo], rank: int, world_size: int, epoch: int, seed: int
+) -> list[ShardInfo]:
     """This rank's shards for one epoch: a seeded shuffle dealt round-robin.
 
     With fewer shards than ranks, ranks share shards (rank r reads shard r mod n), so no rank is
@@ -85,14 +68,14 @@ def shards_for_rank(
 
 def stream_samples(
     store: Store,
-    shards: list[dict[str, Any]],
+    shards: list[ShardInfo],
     rank: int,
     world_size: int,
     *,
     seed: int,
     shuffle_buffer: int,
     skip: int = 0,
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[RawSample]:
     """Endless raw samples for one rank, shuffled with a per-(epoch, rank) seed; the first `skip` are dropped.
 
     Whole epochs are skipped from the manifest's counts without reading; inside an epoch the skipped
@@ -100,24 +83,22 @@ def stream_samples(
     """
     for epoch in count():
         mine = shards_for_rank(shards, rank, world_size, epoch, seed)
-        epoch_len = sum(s["count"] for s in mine)
+        epoch_len = sum(s.count for s in mine)
         if skip >= epoch_len:
             skip -= epoch_len
             continue
         rng = random.Random(f"{seed}-{epoch}-{rank}")
         yield from islice(
-            _shuffled(iter_raw_samples(store, [s["key"] for s in mine]), rng, shuffle_buffer),
+            _shuffled(iter_raw_samples(store, [s.key for s in mine]), rng, shuffle_buffer),
             skip,
             None,
         )
         skip = 0
 
 
-def _shuffled(
-    samples: Iterator[dict[str, Any]], rng: random.Random, buffer: int
-) -> Iterator[dict[str, Any]]:
+def _shuffled(samples: Iterator[RawSample], rng: random.Random, buffer: int) -> Iterator[RawSample]:
     """Buffered shuffle (webdataset's approach, with our seeded rng so a resume replays it exactly)."""
-    buf: list[dict[str, Any]] = []
+    buf: list[RawSample] = []
     for sample in samples:
         if len(buf) < buffer:
             buf.append(sample)
@@ -130,15 +111,15 @@ def _shuffled(
 
 
 def batches(
-    samples: Iterator[dict[str, Any]], batch_size: int, channels: int, device: torch.device
+    samples: Iterator[RawSample], batch_size: int, channels: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Raw samples -> (x0 float32 [B, C, H, W] in [-1, 1], labels int64 [B])."""
     while True:
         images, labels = [], []
         for _ in range(batch_size):
             s = decode_sample(next(samples), channels)
-            images.append(s["image"])
-            labels.append(s["label"] if s["label"] is not None else 0)
+            images.append(s.image)
+            labels.append(s.label if s.label is not None else 0)
         x = torch.from_numpy(np.stack(images)).to(device=device, dtype=torch.float32) / 127.5 - 1.0
         yield x, torch.tensor(labels, dtype=torch.long, device=device)
 
@@ -146,12 +127,11 @@ def batches(
 # -- the loop -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainJob:
-    """Everything a rank needs, picklable for Ray: the config and the dataset manifest."""
+    """Everything a rank needs, picklable for Ray: the resolved config and the dataset manifest."""
 
-    config: PipelineConfig  # saved in every checkpoint, so the artifact carries its config
-    storage: StorageConfig  # config.storage resolved (absolute root, endpoint) for other processes
+    config: PipelineConfig  # resolved; saved in every checkpoint, so the artifact carries it
     target_step: int
-    manifest: dict[str, Any]
+    manifest: DatasetManifest
 
     @property
     def model(self) -> ModelConfig:
@@ -177,11 +157,11 @@ def run_training(
     world_size: int = 1,
     device: torch.device | None = None,
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    report: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Train up to `job.target_step`, resuming from the latest checkpoint; returns a summary (rank 0 saves)."""
+    report: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train up to `job.target_step`, resuming from the latest checkpoint (rank 0 saves)."""
     device = device or torch.device("cpu")
-    tc, store = job.train, Store(job.storage)
+    tc, store = job.train, open_store(job.config.storage)
     unet_cfg = unet_config_for(job.model, job.manifest)
     alpha_bar = alpha_bar_from_betas(make_betas(job.model.schedule, job.model.num_timesteps)).to(
         device
@@ -195,16 +175,16 @@ def run_training(
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
 
     start_step, resumed_from = 0, None
-    latest = read_latest(store, tc.run_id)
+    latest = Checkpoint.latest(store, tc.run_id)
     if latest is not None:
-        state = load_checkpoint(store.read_bytes(latest["key"]), map_location=device)
+        state = load_checkpoint(latest.read_bytes(store), map_location=device)
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         start_step = resumed_from = int(state["step"])
         if rank == 0:
             log.info(
-                "resuming run %s from step %d (%s)", tc.run_id, start_step, store.url(latest["key"])
+                "resuming run %s from step %d (%s)", tc.run_id, start_step, store.url(latest.key)
             )
 
     model: Callable[..., torch.Tensor] = wrap_model(net) if wrap_model else net
@@ -216,17 +196,17 @@ def run_training(
 
     samples = stream_samples(
         store,
-        job.manifest["splits"]["train"]["shards"],
+        job.manifest.split("train").shards,
         rank,
         world_size,
         seed=tc.seed,
         shuffle_buffer=tc.shuffle_buffer,
         skip=start_step * tc.batch_size,
     )
-    data = batches(samples, tc.batch_size, job.manifest["channels"], device)
+    data = batches(samples, tc.batch_size, job.manifest.channels, device)
     null_label = unet_cfg.num_classes if unet_cfg.num_classes is not None else None
 
-    t0, losses, last_loss = time.perf_counter(), [], math.nan
+    t0, losses, last_loss = time.perf_counter(), [], None
     for step in range(start_step, job.target_step):
         x0, labels = next(data)
         if tc.channels_last:
@@ -267,11 +247,11 @@ def run_training(
             last_loss = float(mean_loss)
             rate = tc.log_every * tc.batch_size * world_size / max(time.perf_counter() - t0, 1e-9)
             t0 = time.perf_counter()
-            metrics = {
+            metrics: dict[str, float] = {
                 "step": done,
                 "loss": float(mean_loss),
                 "images_per_s": rate,
-                "lr": sched.get_last_lr()[0],
+                "lr": float(sched.get_last_lr()[0]),
             }
             if rank == 0:
                 log.info(
@@ -287,14 +267,18 @@ def run_training(
             save_run_checkpoint(store, job, unet_cfg, net, ema, opt, done)
     if world_size > 1:
         dist.barrier()  # no rank returns before rank 0's last checkpoint is committed
-    final = read_latest(store, tc.run_id)
-    return {
-        "run_id": tc.run_id,
-        "step": job.target_step,
-        "resumed_from": resumed_from,
-        "checkpoint_key": final["key"] if final else None,
-        "loss": last_loss,  # mean over the last logging window, all ranks
-    }
+    final = Checkpoint.latest(store, tc.run_id)
+    if final is None or final.step != job.target_step:
+        raise RuntimeError(
+            f"training of run {tc.run_id} ended without a checkpoint at step {job.target_step} "
+            f"(latest: {final.step if final else None})"
+        )
+    return TrainResult(
+        checkpoint=final,
+        resumed_from=resumed_from,
+        trained_steps=job.target_step - start_step,
+        loss=last_loss,
+    )
 
 
 def save_run_checkpoint(
@@ -305,15 +289,19 @@ def save_run_checkpoint(
     ema: EMA,
     opt: torch.optim.Optimizer,
     step: int,
-) -> str:
+) -> Checkpoint:
     """Checkpoint bytes first, then `latest.json`: a reader following latest never sees a partial one."""
-    tc = job.train
+    tc, manifest = job.train, job.manifest
+    # Inside the checkpoint: plain JSON-able values, as torch.load(weights_only=True) requires.
     config = {
         "unet": unet_cfg.to_dict(),
         "model": job.model.model_dump(mode="json"),
         "dataset": {
-            k: job.manifest[k]
-            for k in ("dataset", "fingerprint", "image_size", "channels", "num_classes")
+            "dataset": manifest.dataset,
+            "fingerprint": manifest.fingerprint,
+            "image_size": manifest.image_size,
+            "channels": manifest.channels,
+            "num_classes": manifest.num_classes,
         },
         "pipeline": job.config.model_dump(mode="json"),
     }
@@ -326,15 +314,20 @@ def save_run_checkpoint(
             "config": config,
         }
     )
-    key = checkpoint_key(tc.run_id, step)
+    key = layout.checkpoint(tc.run_id, step)
     store.write_bytes(key, data)
-    store.write_json(
-        latest_key(tc.run_id), {"step": step, "key": key, "sha256": sha256_bytes(data)}
+    record = Checkpoint(
+        run_id=tc.run_id,
+        step=step,
+        key=key,
+        sha256=sha256_bytes(data),
+        unet=unet_cfg,
+        model=job.model,
+        dataset_fingerprint=manifest.fingerprint,
     )
+    record.write(store, layout.latest_checkpoint(tc.run_id))
     log.info("checkpoint step %d -> %s", step, store.url(key))
-    kept = sorted(
-        k for k in store.list(f"{run_prefix(tc.run_id)}/checkpoints") if k.endswith(".pt")
-    )
+    kept = sorted(k for k in store.list(layout.checkpoints_prefix(tc.run_id)) if k.endswith(".pt"))
     for old in kept[: -tc.keep_checkpoints]:
         store.delete(old)
-    return key
+    return record

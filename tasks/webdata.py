@@ -10,27 +10,30 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from tasks.records import ShardInfo
 from tasks.storage import Store
 
 ALLOWED_MEMBERS = frozenset({"png", "cls", "json"})
 
+# A sample as webdataset's tar iterators yield it: "__key__" and "__url__" strings and one bytes
+# value per member ("png", "cls", "json"). Its members are the tar's, so a dict is its true type.
+RawSample = dict[str, Any]
+
 
 @dataclass(frozen=True)
-class ShardInfo:
+class DecodedSample:
     key: str
-    count: int
-    sha256: str
-    bytes: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    image: np.ndarray  # uint8 [C, H, W]
+    label: int | None
+    meta: dict[str, object] = field(default_factory=dict)  # the sample's own JSON member
 
 
 class _HashingWriter:
@@ -71,7 +74,7 @@ def decode_png(data: bytes, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def write_shard(store: Store, key: str, samples: Iterable[dict[str, Any]]) -> ShardInfo:
+def write_shard(store: Store, key: str, samples: Iterable[RawSample]) -> ShardInfo:
     """Write one .tar shard atomically; each sample is {"__key__": str, "png": bytes, "cls": int, "json": dict}."""
     count = 0
     with store.open_atomic(key) as f:
@@ -83,7 +86,7 @@ def write_shard(store: Store, key: str, samples: Iterable[dict[str, Any]]) -> Sh
                     raise ValueError(
                         f"sample {sample.get('__key__')!r} has members {sorted(extra)}; allowed: {sorted(ALLOWED_MEMBERS)}"
                     )
-                record: dict[str, Any] = {"__key__": sample["__key__"], "png": sample["png"]}
+                record: RawSample = {"__key__": sample["__key__"], "png": sample["png"]}
                 if "cls" in sample:
                     record["cls"] = str(int(sample["cls"])).encode()
                 if "json" in sample:
@@ -93,50 +96,43 @@ def write_shard(store: Store, key: str, samples: Iterable[dict[str, Any]]) -> Sh
     return ShardInfo(key=key, count=count, sha256=hashing.hash.hexdigest(), bytes=hashing.size)
 
 
-def iter_raw_samples(store: Store, keys: list[str]) -> Iterator[dict[str, Any]]:
-    """Stream the samples of `keys` in order, members as raw bytes (no decoding, no pickle)."""
-    if not keys:
-        return
-    store.register_webdataset_opener()
-    urls = [store.url(k) for k in keys]
-    pipeline = wds.WebDataset(
-        urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-    )
-    yield from pipeline
+def iter_raw_samples(store: Store, keys: list[str]) -> Iterator[RawSample]:
+    """Stream the samples of `keys` in order, members as raw bytes (no decoding, no pickle).
+
+    Each shard is opened through this store (no process-wide opener registry) and split into
+    samples by webdataset's own tar iterators.
+    """
+    for key in keys:
+        with store.open_read(key) as stream:
+            yield from group_by_keys(tar_file_expander([{"url": store.url(key), "stream": stream}]))
 
 
-def decode_sample(sample: dict[str, Any], channels: int) -> dict[str, Any]:
-    """Raw webdataset sample -> {"key", "image": uint8 [C,H,W], "label": int|None, "meta": dict}."""
+def decode_sample(sample: RawSample, channels: int) -> DecodedSample:
+    """Raw webdataset sample -> image uint8 [C, H, W], label (None when absent) and its JSON meta."""
     if "png" not in sample:
         raise ValueError(
             f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no png member"
         )
     label = int(sample["cls"]) if "cls" in sample else None
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    return {
-        "key": sample["__key__"],
-        "image": decode_png(sample["png"], channels),
-        "label": label,
-        "meta": meta,
-    }
+    return DecodedSample(sample["__key__"], decode_png(sample["png"], channels), label, meta)
 
 
-def iter_images(store: Store, keys: list[str], channels: int) -> Iterator[dict[str, Any]]:
+def iter_images(store: Store, keys: list[str], channels: int) -> Iterator[DecodedSample]:
     for sample in iter_raw_samples(store, keys):
         yield decode_sample(sample, channels)
 
 
 def read_images(
     store: Store, keys: list[str], channels: int, limit: int | None = None
-) -> tuple[np.ndarray, list[int | None], list[dict[str, Any]]]:
-    """All images of `keys` (at most `limit`) as uint8 [N, C, H, W], with labels and per-sample meta."""
-    images, labels, metas = [], [], []
+) -> tuple[np.ndarray, list[int | None]]:
+    """All images of `keys` (at most `limit`) as uint8 [N, C, H, W], with their labels."""
+    images, labels = [], []
     for s in iter_images(store, keys, channels):
-        images.append(s["image"])
-        labels.append(s["label"])
-        metas.append(s["meta"])
+        images.append(s.image)
+        labels.append(s.label)
         if limit is not None and len(images) >= limit:
             break
     if not images:
         raise ValueError(f"no images in shards {keys}")
-    return np.stack(images), labels, metas
+    return np.stack(images), labels

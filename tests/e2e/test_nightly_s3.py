@@ -10,6 +10,9 @@ import math
 import boto3
 import pytest
 
+from tasks import layout
+from tasks.records import NightlySummary
+
 pytestmark = pytest.mark.slow
 
 TINY = [
@@ -52,9 +55,13 @@ def _objects(endpoint: str, bucket: str) -> dict[str, dict]:
     return out
 
 
-def _sha256(endpoint: str, bucket: str, key: str) -> str:
+def _read(endpoint: str, bucket: str, key: str) -> bytes:
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    return hashlib.sha256(s3.get_object(Bucket=bucket, Key=key)["Body"].read()).hexdigest()
+    return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def _sha256(endpoint: str, bucket: str, key: str) -> str:
+    return hashlib.sha256(_read(endpoint, bucket, key)).hexdigest()
 
 
 def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harness):
@@ -70,13 +77,9 @@ def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harnes
     objects = _objects(s3_endpoint, s3_bucket)
     keys = set(objects)
     root = "pipeline/"
-    manifest_key = root + first["manifest_key"]
+    manifest_key = root + first.manifest_key
     assert manifest_key in keys
-    manifest = json.loads(
-        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-        .get_object(Bucket=s3_bucket, Key=manifest_key)["Body"]
-        .read()
-    )
+    manifest = json.loads(_read(s3_endpoint, s3_bucket, manifest_key))
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     assert (
         len(manifest["splits"]["train"]["shards"]) >= 2
@@ -86,25 +89,36 @@ def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harnes
         assert _sha256(s3_endpoint, s3_bucket, root + shard["key"]) == shard["sha256"], shard["key"]
 
     # checkpoints (model, EMA, optimizer, step) and their pointer
-    assert first["step"] == 20 and first["resumed_from"] is None
-    assert root + first["checkpoint_key"] in keys
-    assert root + "runs/nightly/checkpoints/latest.json" in keys
+    assert first.step == 20 and first.resumed_from is None
+    assert root + first.checkpoint_key in keys
+    assert root + layout.latest_checkpoint("nightly") in keys
+    saved = json.loads(_read(s3_endpoint, s3_bucket, root + layout.run_config("nightly")))
+    # the run saves the config as it ran: resolved, endpoint included
+    assert saved["storage"] == {
+        "root": f"s3://{s3_bucket}/pipeline",
+        "endpoint_url": s3_endpoint,
+        "region": "us-east-1",
+    }
     # samples: shards with receipts, manifest last
-    assert root + first["samples_key"] in keys
+    assert root + first.samples_key in keys
     sample_shards = [k for k in keys if "/samples/" in k and k.endswith(".tar")]
     assert len(sample_shards) == 2
     # metrics, grid, report
-    m = first["metrics"]
-    assert math.isfinite(m["fid"]) and m["fid"] >= 0
-    assert m["num_images"] == 40 and m["extractor"]["standard"] is False
-    for key in (m["metrics_key"], m["grid_key"], m["report_key"]):
+    m = first.metrics
+    assert m.fid is not None and math.isfinite(m.fid) and m.fid >= 0
+    assert m.num_images == 40 and m.extractor.standard is False
+    for key in (m.key, m.grid_key, m.report_key):
         assert root + key in keys, key
-    assert root + first["report_key"] in keys
-    assert first["promotion"]["promoted"] is True  # the first model is always promoted
-    assert root + "models/default/current.json" in keys
+    assert root + first.report_key in keys
+    assert first.promotion.promoted is True  # the first model is always promoted
+    assert root + layout.model_current("default") in keys
+    stored = NightlySummary.parse(
+        json.loads(_read(s3_endpoint, s3_bucket, root + layout.nightly_latest("nightly"))), "latest"
+    )
+    assert stored == first
 
     second = nightly(overrides=overrides)
-    assert second["shards_reused"] is True
+    assert second.shards_reused is True
     after = _objects(s3_endpoint, s3_bucket)
     for shard in shards:  # reused, not rewritten
         assert (
@@ -112,12 +126,9 @@ def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harnes
             == objects[root + shard["key"]]["LastModified"]
         )
         assert after[root + shard["key"]]["ETag"] == objects[root + shard["key"]]["ETag"]
-    assert second["resumed_from"] == 20 and second["step"] == 30 and second["trained_steps"] == 10
-    assert second["samples_key"] != first["samples_key"]  # new checkpoint, new sample set
-    assert math.isfinite(second["metrics"]["fid"])
-    history = json.loads(
-        boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-        .get_object(Bucket=s3_bucket, Key=root + "models/default/history.json")["Body"]
-        .read()
-    )
-    assert len(history) == 2 and history[1]["checkpoint_key"] == second["checkpoint_key"]
+    assert second.resumed_from == 20 and second.step == 30 and second.trained_steps == 10
+    assert second.samples_key != first.samples_key  # new checkpoint, new sample set
+    assert second.metrics.fid is not None and math.isfinite(second.metrics.fid)
+    history = json.loads(_read(s3_endpoint, s3_bucket, root + layout.model_history("default")))
+    decisions = history["decisions"]
+    assert len(decisions) == 2 and decisions[1]["checkpoint_key"] == second.checkpoint_key

@@ -24,16 +24,24 @@ import torch
 from PIL import Image
 
 from diffusion_core.fid import feature_moments, frechet_distance
-from tasks.config import EvalConfig, StorageConfig
-from tasks.evaluate import (
+from diffusion_core.unet import UNetConfig
+from tasks import layout
+from tasks.config import DataConfig, EvalConfig, ModelConfig, SampleConfig, StorageConfig
+from tasks.evaluate import evaluate_samples, reference_features
+from tasks.inception import (
     STANDARD_FILENAME,
     ExtractorInfo,
-    evaluate_samples,
     extract_features,
     load_extractor,
-    reference_features,
-    reference_stats_key,
     resolve_extractor,
+)
+from tasks.records import (
+    Checkpoint,
+    DatasetManifest,
+    Metrics,
+    SampleSet,
+    SampleShard,
+    SplitInfo,
 )
 from tasks.storage import Store
 from tasks.webdata import encode_png, write_shard
@@ -100,8 +108,8 @@ def fids(mnist: np.ndarray, standin: ExtractorInfo) -> dict[str, float]:
     return result
 
 
-def _write_dataset(store: Store, images: np.ndarray) -> dict[str, Any]:
-    prefix = f"datasets/mnist-{FINGERPRINT[:12]}"
+def _write_dataset(store: Store, images: np.ndarray) -> DatasetManifest:
+    prefix = layout.dataset_prefix("mnist", FINGERPRINT)
     half = len(images) // 2
     shards = []
     for i, part in enumerate((images[:half], images[half:])):
@@ -109,22 +117,25 @@ def _write_dataset(store: Store, images: np.ndarray) -> dict[str, Any]:
             {"__key__": f"{i}-{j:06d}", "png": encode_png(img[0]), "cls": 0}
             for j, img in enumerate(part)
         )
-        shards.append(write_shard(store, f"{prefix}/holdout-{i:06d}.tar", samples).to_dict())
-    manifest = {
-        "format": "diffusion-pipeline/dataset@1",
-        "dataset": "mnist",
-        "fingerprint": FINGERPRINT,
-        "image_size": 28,
-        "channels": 1,
-        "num_classes": 10,
-        "splits": {"holdout": {"count": len(images), "shards": shards}},
-    }
-    store.write_json(f"{prefix}/manifest.json", manifest)
+        shards.append(write_shard(store, layout.dataset_shard(prefix, "holdout", i), samples))
+    manifest = DatasetManifest(
+        dataset="mnist",
+        fingerprint=FINGERPRINT,
+        source_fingerprint="0" * 64,
+        image_size=28,
+        channels=1,
+        num_classes=10,
+        class_names=[str(i) for i in range(10)],
+        splits={"holdout": SplitInfo(count=len(images), shards=shards)},
+        config=DataConfig(dataset="mnist"),
+        created="2026-11-25T00:00:00+00:00",
+    )
+    manifest.write(store, manifest.key)
     return manifest
 
 
 @pytest.fixture(scope="module")
-def dataset_manifest(store: Store, mnist: np.ndarray) -> dict[str, Any]:
+def dataset_manifest(store: Store, mnist: np.ndarray) -> DatasetManifest:
     return _write_dataset(store, mnist[1000 : 1000 + N_HOLDOUT])
 
 
@@ -150,8 +161,8 @@ def test_standin_is_he_initialised_and_discriminates(
 def test_standin_is_shared_through_the_store(
     store: Store, standin: ExtractorInfo, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    key = "extractors/inception-v3-standin-seed0.pth"
-    assert key in store.list("extractors")
+    key = layout.extractor("inception-v3-standin-seed0.pth")
+    assert key in store.list(layout.extractors_prefix())
     assert store.sha256(key) == standin.sha256
     # Another worker with an empty local cache gets the same bytes from the store.
     with caplog.at_level(logging.WARNING, logger="tasks.evaluate"):
@@ -164,10 +175,10 @@ def test_standin_is_shared_through_the_store(
 
 # (c) reference statistics are computed once and cached in the store -----------------------------
 def test_reference_stats_cached_in_store(
-    store: Store, dataset_manifest: dict[str, Any], standin: ExtractorInfo
+    store: Store, dataset_manifest: DatasetManifest, standin: ExtractorInfo
 ) -> None:
     cfg = EvalConfig(batch_size=32)
-    key = reference_stats_key(FINGERPRINT, standin.sha256, N_HOLDOUT)
+    key = layout.reference_stats(FINGERPRINT, standin.sha256, N_HOLDOUT)
     assert key == f"stats/{FINGERPRINT}/{standin.sha256[:16]}-n{N_HOLDOUT}.npz"
     if store.exists(key):
         store.delete(key)
@@ -180,7 +191,7 @@ def test_reference_stats_cached_in_store(
 
     assert first.computed and not second.computed
     assert first.key == second.key == key
-    assert store.list(f"stats/{FINGERPRINT}") == [key]
+    assert store.list(layout.reference_stats_prefix(FINGERPRINT)) == [key]
     np.testing.assert_array_equal(first.features, second.features)
     np.testing.assert_array_equal(first.sigma, second.sigma)
     assert second.features.shape == (N_HOLDOUT, 2048) and second.features.dtype == np.float32
@@ -234,7 +245,7 @@ def test_malicious_weights_file_is_refused_unexecuted(
         torch.save({"Conv2d_1a_3x3.conv.weight": _Payload(marker)}, weights)
         location = str(weights)
     else:
-        key = f"extractors/{uuid.uuid4().hex[:8]}/evil.pth"
+        key = f"uploads/{uuid.uuid4().hex[:8]}/evil.pth"
         store.write_bytes(key, pickle.dumps({"w": _Payload(marker)}, protocol=2))
         location = store.url(key)
 
@@ -246,8 +257,9 @@ def test_malicious_weights_file_is_refused_unexecuted(
 
 
 # (f) the task end to end on tiny shards in S3 ---------------------------------------------------
-def _write_samples(store: Store, images: np.ndarray, channels: int = 1) -> str:
-    prefix = f"samples/{uuid.uuid4().hex[:8]}"
+def _write_samples(store: Store, images: np.ndarray, channels: int = 1) -> SampleSet:
+    name = f"step-00000600-ddim-50-{uuid.uuid4().hex[:8]}"
+    prefix = layout.sample_set_prefix("nightly", name)
     half = len(images) // 2
     shards = []
     for i, (lo, hi) in enumerate(((0, half), (half, len(images)))):
@@ -259,28 +271,36 @@ def _write_samples(store: Store, images: np.ndarray, channels: int = 1) -> str:
             }
             for seed in range(lo, hi)
         )
-        info = write_shard(store, f"{prefix}/samples-{i:06d}.tar", samples).to_dict()
-        shards.append(info | {"seed_start": lo, "seed_stop": hi})
-    manifest = {
-        "format": "diffusion-pipeline/samples@1",
-        "num_images": len(images),
-        "sampler": "ddim",
-        "steps": 50,
-        "eta": 0.0,
-        "guidance_scale": 1.0,
-        "checkpoint_step": 600,
-        "run_id": "nightly",
-        "image_size": 28,
-        "channels": channels,
-        "shards": shards,
-    }
-    store.write_json(f"{prefix}/manifest.json", manifest)
-    return f"{prefix}/manifest.json"
+        info = write_shard(store, layout.sample_shard(prefix, i), samples)
+        shards.append(SampleShard(**info.model_dump(), seed_start=lo, seed_stop=hi))
+    checkpoint = Checkpoint(
+        run_id="nightly",
+        step=600,
+        key=layout.checkpoint("nightly", 600),
+        sha256="0" * 64,
+        unet=UNetConfig(in_channels=channels, image_size=28, attention_resolutions=(7,)),
+        model=ModelConfig(),
+        dataset_fingerprint=FINGERPRINT,
+    )
+    sample_set = SampleSet(
+        name=name,
+        run_id="nightly",
+        checkpoint=checkpoint,
+        weights_key=layout.sample_weights(prefix),
+        num_images=len(images),
+        image_size=28,
+        channels=channels,
+        shards=shards,
+        config=SampleConfig(num_images=len(images), sampler="ddim", steps=50),
+        created="2026-11-25T00:00:00+00:00",
+    )
+    sample_set.write(store, sample_set.key)
+    return sample_set
 
 
 def test_evaluate_samples_end_to_end(
     store: Store,
-    dataset_manifest: dict[str, Any],
+    dataset_manifest: DatasetManifest,
     standin: ExtractorInfo,
     mnist: np.ndarray,
 ) -> None:
@@ -288,44 +308,46 @@ def test_evaluate_samples_end_to_end(
     rng = np.random.default_rng(1)
     digits = mnist[2000 : 2000 + N_SAMPLES].astype(np.int16)
     samples = np.clip(digits + rng.integers(-40, 41, digits.shape), 0, 255).astype(np.uint8)
-    manifest_key = _write_samples(store, samples)
+    sample_set = _write_samples(store, samples)
     cfg = EvalConfig(
         metrics=("fid", "kid", "isc"), kid_subset_size=8, grid_images=16, batch_size=32
     )
 
-    result = evaluate_samples(
-        store, dataset_manifest, manifest_key, cfg, "runs/nightly/eval/step-600", extractor=standin
-    )
+    result = evaluate_samples(store, dataset_manifest, sample_set, cfg, extractor=standin)
 
-    for name in ("metrics_key", "grid_key", "report_key"):
-        assert store.exists(result[name]), name
-    metrics = store.read_json(result["metrics_key"])
-    assert metrics == json.loads(json.dumps(result))
-    assert metrics["num_images"] == N_SAMPLES and metrics["num_reference_images"] == N_HOLDOUT
-    assert metrics["extractor"]["weights_sha256"] == standin.sha256
-    assert (
-        metrics["extractor"]["standard"] is False and metrics["comparable_with_published"] is False
-    )
-    assert metrics["fid"] > 0 and np.isfinite(metrics["kid_mean"]) and metrics["isc_mean"] >= 1.0
-    assert metrics["reference_stats_key"] == reference_stats_key(
+    metrics = result.metrics
+    assert metrics.prefix == layout.eval_prefix("nightly", sample_set.name)
+    for key in (metrics.key, metrics.grid_key, metrics.report_key):
+        assert store.exists(key), key
+    assert Metrics.read(store, metrics.key) == metrics  # what is stored is what was returned
+    assert metrics.num_images == N_SAMPLES and metrics.num_reference_images == N_HOLDOUT
+    assert metrics.extractor.weights_sha256 == standin.sha256
+    assert metrics.extractor.standard is False and metrics.comparable_with_published is False
+    assert metrics.fid is not None and metrics.fid > 0
+    assert metrics.kid_mean is not None and np.isfinite(metrics.kid_mean)
+    assert metrics.isc_mean is not None and metrics.isc_mean >= 1.0
+    assert metrics.reference_stats_key == layout.reference_stats(
         FINGERPRINT, standin.sha256, N_HOLDOUT
     )
-    assert (metrics["sampler"], metrics["steps"], metrics["checkpoint_step"]) == ("ddim", 50, 600)
-    assert metrics["dataset_fingerprint"] == FINGERPRINT and metrics["kid_subset_size"] == 8
+    assert (metrics.sampling.sampler, metrics.sampling.steps, metrics.checkpoint_step) == (
+        "ddim",
+        50,
+        600,
+    )
+    assert metrics.dataset_fingerprint == FINGERPRINT and metrics.kid_subset_size == 8
 
-    report = store.read_bytes(result["report_key"]).decode()
+    report = store.read_bytes(metrics.report_key).decode()
+    assert report == result.report_markdown
     assert "NOT comparable with published FIDs" in report and "grid.png" in report
-    with Image.open(io.BytesIO(store.read_bytes(result["grid_key"]))) as grid:
+    with Image.open(io.BytesIO(store.read_bytes(metrics.grid_key))) as grid:
         assert grid.width >= 256 and grid.width == grid.height  # 16 images: a 4 x 4 grid
-    shown = {k: round(metrics[k], 6) for k in ("fid", "kid_mean", "isc_mean")}
+    shown = {k: round(getattr(metrics, k), 6) for k in ("fid", "kid_mean", "isc_mean")}
     print(f"\nend-to-end metrics ({N_SAMPLES} samples vs {N_HOLDOUT} held-out): {shown}")
 
 
 def test_evaluate_samples_rejects_channel_mismatch(
-    store: Store, dataset_manifest: dict[str, Any], standin: ExtractorInfo
+    store: Store, dataset_manifest: DatasetManifest, standin: ExtractorInfo
 ) -> None:
-    rgb_key = _write_samples(store, np.zeros((4, 1, 28, 28), np.uint8), channels=3)
+    rgb = _write_samples(store, np.zeros((4, 1, 28, 28), np.uint8), channels=3)
     with pytest.raises(ValueError, match=r"\(channels, size\) = \(3, 28\)"):
-        evaluate_samples(
-            store, dataset_manifest, rgb_key, EvalConfig(), "eval/x", extractor=standin
-        )
+        evaluate_samples(store, dataset_manifest, rgb, EvalConfig(), extractor=standin)

@@ -25,6 +25,7 @@ def test_interrupted_s3_write_leaves_nothing(s3_storage, size):
 
 def test_missing_bucket_is_a_clear_error(s3_endpoint):
     from tasks.config import StorageConfig
+    from tasks.storage import StorageError
 
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(StorageError, match="does not exist"):
         Store(StorageConfig(root="s3://no-such-bucket-xyz/p", endpoint_url=s3_endpoint))

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from diffusion_core.checkpoint import load_checkpoint
+from tasks import layout
 from tasks.config import PipelineConfig, StorageConfig
+from tasks.records import Checkpoint, DatasetManifest, ShardInfo
 from tasks.shard import shard_dataset
 from tasks.storage import Store
-from tasks.train_loop import TrainJob, read_latest, run_training, shards_for_rank, stream_samples
+from tasks.train_loop import TrainJob, run_training, shards_for_rank, stream_samples
 
 SMALL = {
     "data": {"max_images": 120, "samples_per_shard": 32},
@@ -33,24 +35,31 @@ SMALL = {
 }
 
 
-def _job(store: Store, manifest: dict, target: int, run_id: str) -> TrainJob:
-    cfg = PipelineConfig.model_validate({**SMALL, "train": {**SMALL["train"], "run_id": run_id}})
-    return TrainJob(
-        config=cfg,
-        storage=store.config,
-        target_step=target,
-        manifest=manifest,
+def _job(store: Store, manifest: DatasetManifest, target: int, run_id: str) -> TrainJob:
+    cfg = PipelineConfig.model_validate(
+        {
+            **SMALL,
+            "storage": {"root": store.config.root},
+            "train": {**SMALL["train"], "run_id": run_id},
+        }
     )
+    return TrainJob(config=cfg, target_step=target, manifest=manifest)
 
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     store = Store(StorageConfig(root=str(tmp_path_factory.mktemp("store"))))
-    return store, shard_dataset(PipelineConfig.model_validate(SMALL).data, store)
+    return store, shard_dataset(PipelineConfig.model_validate(SMALL).data, store).manifest
+
+
+def _latest(store: Store, run_id: str) -> Checkpoint:
+    latest = Checkpoint.latest(store, run_id)
+    assert latest is not None
+    return latest
 
 
 def _state(store: Store, run_id: str) -> dict:
-    return load_checkpoint(store.read_bytes(read_latest(store, run_id)["key"]))
+    return load_checkpoint(_latest(store, run_id).read_bytes(store))
 
 
 def test_resume_is_exact(sharded):
@@ -58,8 +67,9 @@ def test_resume_is_exact(sharded):
     run_training(_job(store, manifest, 6, "straight"))
     run_training(_job(store, manifest, 3, "resumed"))
     summary = run_training(_job(store, manifest, 6, "resumed"))
-    assert summary["resumed_from"] == 3 and summary["step"] == 6
-    assert math.isfinite(summary["loss"]) and summary["loss"] > 0
+    assert summary.resumed_from == 3 and summary.checkpoint.step == 6
+    assert summary.trained_steps == 3 and summary.checkpoint == _latest(store, "resumed")
+    assert summary.loss is not None and math.isfinite(summary.loss) and summary.loss > 0
 
     a, b = _state(store, "straight"), _state(store, "resumed")
     assert a["step"] == b["step"] == 6
@@ -74,10 +84,10 @@ def test_resume_is_exact(sharded):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
     assert (
         a["config"]["unet"]["image_size"] == 8
-        and a["config"]["dataset"]["fingerprint"] == manifest["fingerprint"]
+        and a["config"]["dataset"]["fingerprint"] == manifest.fingerprint
     )
     # old checkpoints are pruned to keep_checkpoints, latest stays
-    kept = [k for k in store.list("runs/straight/checkpoints") if k.endswith(".pt")]
+    kept = [k for k in store.list(layout.checkpoints_prefix("straight")) if k.endswith(".pt")]
     assert kept[-1].endswith("step-00000006.pt") and len(kept) <= 3
 
 
@@ -91,27 +101,28 @@ def test_training_changes_weights_and_nothing_to_do_when_done(sharded):
     init = UNet(UNetConfig.from_dict(before["config"]["unet"])).state_dict()
     assert any(not torch.equal(init[k], before["model"][k]) for k in init)
 
-    latest = read_latest(store, "fresh")
-    stamp = store.fs.info(store.path(latest["key"]))["mtime"]
+    latest = _latest(store, "fresh")
+    stamp = store.fs.info(store.path(latest.key))["mtime"]
     again = run_training(_job(store, manifest, 3, "fresh"))  # already there: no step, no write
-    assert again["resumed_from"] == 3 and read_latest(store, "fresh") == latest
-    assert store.fs.info(store.path(latest["key"]))["mtime"] == stamp
+    assert again.resumed_from == 3 and again.trained_steps == 0 and again.loss is None
+    assert _latest(store, "fresh") == latest
+    assert store.fs.info(store.path(latest.key))["mtime"] == stamp
 
 
 @pytest.mark.parametrize("n_shards", [1, 2, 3, 5])
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_every_rank_gets_shards(n_shards, world):
-    shards = [{"key": f"s{i}", "count": 10} for i in range(n_shards)]
+    shards = [ShardInfo(key=f"s{i}", count=10, sha256="0" * 64, bytes=1) for i in range(n_shards)]
     for epoch in range(3):
         dealt = [shards_for_rank(shards, r, world, epoch, seed=0) for r in range(world)]
         assert all(dealt), dealt
         if n_shards >= world:  # a partition: every shard once
-            assert sorted(s["key"] for d in dealt for s in d) == sorted(s["key"] for s in shards)
+            assert sorted(s.key for d in dealt for s in d) == sorted(s.key for s in shards)
 
 
 def test_stream_skip_equals_reading_past(sharded):
     store, manifest = sharded
-    shards = manifest["splits"]["train"]["shards"]
+    shards = manifest.split("train").shards
 
     def keys(skip: int, n: int) -> list[str]:
         it = stream_samples(store, shards, 0, 1, seed=3, shuffle_buffer=16, skip=skip)

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.config import ConfigError, PipelineConfig, load_config, resolve_config
+from tests.conftest import REPO
 
 
 def test_defaults_round_trip_through_json_and_yaml(tmp_path):
@@ -27,7 +29,14 @@ def test_defaults_round_trip_through_json_and_yaml(tmp_path):
         ("sample.sampler=euler_a", "sample.sampler"),
         ("data.dataset=cifar", "data.dataset"),
         ("train.run_id=../escape", "train.run_id"),
+        ("train.run_id=a..b", "train.run_id"),
+        ("promote.model_name=../../outside", "promote.model_name"),
+        ("promote.model_name=a/b", "promote.model_name"),
         ("storage.root=gs://bucket", "storage.root"),
+        ("storage.root=''", "storage.root"),
+        ("storage.root=s3://", "storage.root"),
+        ("storage.root=s3:///prefix", "storage.root"),
+        ("storage.root=file://relative/path", "storage.root"),
         ("train.nonsense=1", "train.nonsense"),
     ],
 )
@@ -55,13 +64,51 @@ def test_override_syntax_and_missing_file(tmp_path):
         load_config(bad)
 
 
-def test_cli_dry_run_prints_resolved_config_and_errors_exit_2():
+def test_yaml_errors_name_the_file_line_or_override(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: 10\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml.*not valid YAML: line \d+"):
+        load_config(broken)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("data:\n  dataset: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml.*not UTF-8"):
+        load_config(latin1)
+    with pytest.raises(ConfigError, match=r"override 'train.steps=\[1, 2'.*not valid YAML"):
+        load_config(None, ["train.steps=[1, 2"])
+
+
+def test_config_is_resolved_once_at_load(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-3")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    local = load_config(None, ["storage.root=./my store"])
+    assert local.storage.root == str(tmp_path / "my store")
+    assert local.storage.endpoint_url is None and local.ray.address == "10.0.0.1:6379"
+    s3 = load_config(None, ["storage.root=s3://bucket/prefix"])
+    assert (s3.storage.endpoint_url, s3.storage.region) == ("http://127.0.0.1:9", "eu-west-3")
+    explicit = load_config(None, ["storage.root=s3://b", "storage.endpoint_url=http://x:1"])
+    assert explicit.storage.endpoint_url == "http://x:1"
+    # resolving is idempotent, and a resolved config round-trips
+    assert resolve_config(s3) == s3
+    assert PipelineConfig.model_validate(s3.model_dump(mode="json")) == s3
+
+
+def test_cli_dry_run_prints_resolved_config_and_errors_exit_2(tmp_path):
     run = [sys.executable, "-m", "flows.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ADDRESS": "head:6379"}
     out = subprocess.run(
-        [*run, "nightly", "--dry-run", "train.steps=11"], capture_output=True, text=True, check=True
+        [*run, "nightly", "--dry-run", "train.steps=11", "storage.root=rel"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        env=env | {"PYTHONPATH": str(REPO)},
     )
     resolved = yaml.safe_load(out.stdout)
     assert resolved["train"]["steps"] == 11 and resolved["data"]["dataset"] == "digits"
+    assert resolved["storage"]["root"] == str(tmp_path / "rel")
+    assert resolved["ray"]["address"] == "head:6379"
     bad = subprocess.run([*run, "train", "train.lr=-1"], capture_output=True, text=True)
     assert bad.returncode == 2 and "train.lr" in bad.stderr
     for stage in ("shard", "train", "sample", "evaluate", "nightly", "serve"):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 from torch import Tensor
 
-from diffusion_core.samplers import SAMPLERS, guided, make_eps_denoiser, sample
-from diffusion_core.schedules import alpha_bar_from_betas, cosine_betas, make_timesteps
+from diffusion_core.samplers import SAMPLERS, SamplerName, make_eps_denoiser, sample
+from diffusion_core.schedules import Spacing, alpha_bar_from_betas, cosine_betas, make_timesteps
 from diffusion_core.seeding import ImageNoise
 
 ALPHA_BAR = alpha_bar_from_betas(cosine_betas())
@@ -78,16 +80,24 @@ def test_sampler_contract(name: str) -> None:
     assert calls == [(i, len(TIMESTEPS), (2, *SHAPE)) for i in range(len(TIMESTEPS))]
 
 
-def test_guided_mixes_and_scale_one_is_cond_itself() -> None:
-    def cond(x: Tensor, t: Tensor) -> Tensor:
-        return x + 1
-
-    def uncond(x: Tensor, t: Tensor) -> Tensor:
-        return x
-
-    assert guided(cond, uncond, 1.0) is cond
-    x = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
-    assert guided(cond, uncond, 3.0)(x, torch.zeros(1, dtype=torch.long)).item() == 3.0
+@pytest.mark.parametrize("spacing", get_args(Spacing))
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_takes_every_spacing(name: SamplerName, spacing: Spacing) -> None:
+    timesteps = make_timesteps(1000, 6, spacing, alpha_bar=ALPHA_BAR)
+    noise = ImageNoise([0, 1])
+    denoiser = make_eps_denoiser(TinyNet(), alpha_bar=ALPHA_BAR, prediction_type="v")
+    steps: list[int] = []
+    out = sample(
+        name,
+        denoiser,
+        noise.randn(SHAPE),
+        timesteps,
+        alpha_bar=ALPHA_BAR,
+        noise=noise,
+        callback=lambda i, n, x: steps.append(i),
+    )
+    assert out.shape == (2, *SHAPE) and bool(torch.isfinite(out).all())
+    assert steps == list(range(len(timesteps)))
 
 
 def test_make_eps_denoiser_batches_cond_and_uncond_in_one_forward() -> None:

@@ -1,0 +1,179 @@
+"""The artifact layout: every object-store key the pipeline reads or writes is built here.
+
+Keys are '/'-separated paths below `storage.root`. Each name that becomes part of a key (a run id,
+a dataset name, a model name, a fingerprint) is checked by `part`, so no configured or recorded
+value can climb out of its folder (`../`) or split into sub-folders. The README's "Artifact
+layout" section is tested against these functions (tests/unit/test_layout.py).
+
+    datasets/<name>-<fp12>/{train,holdout}-000000.tar ... manifest.json
+    runs/<run_id>/config.json
+    runs/<run_id>/checkpoints/step-00000600.pt  latest.json
+    runs/<run_id>/samples/<set>/weights.pt  shard-000000.tar  shard-000000.json  manifest.json
+    runs/<run_id>/eval/<set>/metrics.json  grid.png  report.md
+    runs/<run_id>/nightly/<stamp>/report.md  summary.json;  runs/<run_id>/nightly/latest.json
+    stats/<dataset fingerprint>/<extractor sha16>-n<count>.npz
+    extractors/<weights file>
+    models/<name>/current.json  history.json  step-<step>.pt
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+Split = Literal["train", "holdout"]
+SPLITS: tuple[Split, ...] = ("train", "holdout")
+
+_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def part(value: str, what: str) -> str:
+    """`value` as one path component of a key, or a ValueError naming `what` and the rule."""
+    if not isinstance(value, str) or not _PART.match(value) or ".." in value:
+        raise ValueError(
+            f"{what} {value!r} cannot be part of a storage key: use 1-128 letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit, and no '..'"
+        )
+    return value
+
+
+def _index(n: int) -> str:
+    if n < 0:
+        raise ValueError(f"shard index {n} is negative")
+    return f"{n:06d}"
+
+
+def _step(step: int) -> str:
+    if step < 0:
+        raise ValueError(f"step {step} is negative")
+    return f"{step:08d}"
+
+
+# -- datasets ------------------------------------------------------------------------------------
+def dataset_prefix(name: str, fingerprint: str) -> str:
+    return f"datasets/{part(name, 'dataset name')}-{part(fingerprint, 'fingerprint')[:12]}"
+
+
+def dataset_manifest(prefix: str) -> str:
+    return f"{prefix}/manifest.json"
+
+
+def dataset_shard(prefix: str, split: Split, n: int) -> str:
+    return f"{prefix}/{split}-{_index(n)}.tar"
+
+
+# -- runs: config, checkpoints -------------------------------------------------------------------
+def run_prefix(run_id: str) -> str:
+    return f"runs/{part(run_id, 'run id')}"
+
+
+def run_config(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/config.json"
+
+
+def checkpoints_prefix(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/checkpoints"
+
+
+def checkpoint(run_id: str, step: int) -> str:
+    return f"{checkpoints_prefix(run_id)}/step-{_step(step)}.pt"
+
+
+def latest_checkpoint(run_id: str) -> str:
+    return f"{checkpoints_prefix(run_id)}/latest.json"
+
+
+# -- sample sets and their evaluations -----------------------------------------------------------
+def sample_set_name(step: int, sampler: str, steps: int, digest: str) -> str:
+    """A sample set's folder name; `digest` covers every setting that changes the images."""
+    return f"step-{_step(step)}-{part(sampler, 'sampler')}-{steps}-{part(digest, 'digest')}"
+
+
+def sample_set_prefix(run_id: str, set_name: str) -> str:
+    return f"{run_prefix(run_id)}/samples/{part(set_name, 'sample set')}"
+
+
+def sample_weights(set_prefix: str) -> str:
+    return f"{set_prefix}/weights.pt"
+
+
+def sample_shard(set_prefix: str, n: int) -> str:
+    return f"{set_prefix}/shard-{_index(n)}.tar"
+
+
+def sample_receipt(set_prefix: str, n: int) -> str:
+    """Written after its shard: its presence means the shard is complete."""
+    return f"{set_prefix}/shard-{_index(n)}.json"
+
+
+def sample_manifest(set_prefix: str) -> str:
+    return f"{set_prefix}/manifest.json"
+
+
+def eval_prefix(run_id: str, set_name: str) -> str:
+    return f"{run_prefix(run_id)}/eval/{part(set_name, 'sample set')}"
+
+
+def eval_metrics(prefix: str) -> str:
+    return f"{prefix}/metrics.json"
+
+
+def eval_grid(prefix: str) -> str:
+    return f"{prefix}/grid.png"
+
+
+def eval_report(prefix: str) -> str:
+    return f"{prefix}/report.md"
+
+
+# -- nightly reports -----------------------------------------------------------------------------
+def nightly_prefix(run_id: str, stamp: str) -> str:
+    return f"{run_prefix(run_id)}/nightly/{part(stamp, 'nightly stamp')}"
+
+
+def nightly_report(prefix: str) -> str:
+    return f"{prefix}/report.md"
+
+
+def nightly_summary(prefix: str) -> str:
+    return f"{prefix}/summary.json"
+
+
+def nightly_latest(run_id: str) -> str:
+    return f"{run_prefix(run_id)}/nightly/latest.json"
+
+
+# -- evaluation caches ---------------------------------------------------------------------------
+def reference_stats(fingerprint: str, extractor_sha256: str, count: int) -> str:
+    sha = part(extractor_sha256, "extractor sha256")[:16]
+    return f"stats/{part(fingerprint, 'dataset fingerprint')}/{sha}-n{count}.npz"
+
+
+def reference_stats_prefix(fingerprint: str) -> str:
+    return f"stats/{part(fingerprint, 'dataset fingerprint')}"
+
+
+def extractor(filename: str) -> str:
+    return f"extractors/{part(filename, 'extractor weights file')}"
+
+
+def extractors_prefix() -> str:
+    return "extractors"
+
+
+# -- promoted models -----------------------------------------------------------------------------
+def model_prefix(name: str) -> str:
+    return f"models/{part(name, 'model name')}"
+
+
+def model_current(name: str) -> str:
+    return f"{model_prefix(name)}/current.json"
+
+
+def model_history(name: str) -> str:
+    return f"{model_prefix(name)}/history.json"
+
+
+def model_checkpoint(name: str, step: int) -> str:
+    """The promoted checkpoint's own copy: training prunes its old checkpoints."""
+    return f"{model_prefix(name)}/step-{_step(step)}.pt"

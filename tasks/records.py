@@ -1,0 +1,323 @@
+"""What the stages hand each other, as typed records: the same records are what the store holds.
+
+    shard    -> DatasetManifest (+ ShardResult: was it reused)
+    train    -> Checkpoint (runs/<id>/checkpoints/latest.json) (+ TrainResult)
+    sample   -> SampleSet, made of SampleShard receipts
+    evaluate -> Metrics (+ Evaluation: the metrics and the report's Markdown)
+    promote  -> PromotionDecision, Champion, PromotionHistory
+    nightly  -> NightlySummary
+
+A stored record carries its `format` (name@version). Reading a record of another format fails with
+a `RecordFormatError` naming the object, the format found and the one this version reads; a record
+that does not fit its type fails with the fields that do not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from diffusion_core.unet import UNetConfig
+from tasks import layout
+from tasks.config import DataConfig, ModelConfig, SampleConfig
+from tasks.storage import Store
+
+
+class RecordFormatError(ValueError):
+    """A stored record of another format version, or one that does not fit its type."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Record(_Model):
+    """A record stored as JSON; subclasses declare `format: Literal[NAME] = NAME`."""
+
+    format: str
+
+    @classmethod
+    def expected_format(cls) -> str:
+        return str(cls.model_fields["format"].default)
+
+    @classmethod
+    def parse(cls, data: object, source: str) -> Self:
+        """Validate `data` (decoded JSON) read from `source` (a URL, for messages)."""
+        found = data.get("format") if isinstance(data, dict) else None
+        if found != cls.expected_format():
+            raise RecordFormatError(
+                f"{source} holds a {found or 'format-less'} record, but this version of "
+                f"diffusion-pipeline reads {cls.expected_format()}. It was written by another "
+                "version: rerun the stage that writes it (or use the version that wrote it)."
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            fields = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()[:5]
+            )
+            raise RecordFormatError(
+                f"{source} is not a valid {cls.expected_format()} record ({fields})"
+            ) from None
+
+    @classmethod
+    def read(cls, store: Store, key: str) -> Self:
+        try:
+            data = store.read_json(key)
+        except json.JSONDecodeError as err:
+            raise RecordFormatError(f"{store.url(key)} is not JSON ({err})") from None
+        return cls.parse(data, store.url(key))
+
+    @classmethod
+    def read_or_none(cls, store: Store, key: str) -> Self | None:
+        try:
+            return cls.read(store, key)
+        except FileNotFoundError:
+            return None
+
+    def write(self, store: Store, key: str) -> None:
+        store.write_json(key, self.model_dump(mode="json"))
+
+
+# -- shard ---------------------------------------------------------------------------------------
+class ShardInfo(_Model):
+    """One WebDataset .tar object: its key, sample count, sha256 and size in bytes."""
+
+    key: str
+    count: int
+    sha256: str
+    bytes: int
+
+
+class SplitInfo(_Model):
+    count: int
+    shards: list[ShardInfo]
+
+
+class DatasetManifest(Record):
+    """A complete shard set (written last, after every shard)."""
+
+    format: Literal["diffusion-pipeline/dataset@1"] = "diffusion-pipeline/dataset@1"
+    dataset: str
+    fingerprint: str
+    source_fingerprint: str
+    image_size: int
+    channels: int
+    num_classes: int
+    class_names: list[str]
+    splits: dict[layout.Split, SplitInfo]
+    config: DataConfig
+    created: str
+
+    @property
+    def prefix(self) -> str:
+        return layout.dataset_prefix(self.dataset, self.fingerprint)
+
+    @property
+    def key(self) -> str:
+        return layout.dataset_manifest(self.prefix)
+
+    def split(self, name: layout.Split) -> SplitInfo:
+        if name not in self.splits:
+            raise ValueError(f"dataset manifest {self.key} has no {name!r} split")
+        return self.splits[name]
+
+
+class ShardResult(_Model):
+    """The shard stage's hand-off: the manifest, and whether an identical earlier set was reused."""
+
+    manifest: DatasetManifest
+    reused: bool
+
+
+# -- train ---------------------------------------------------------------------------------------
+class Checkpoint(Record):
+    """A complete training checkpoint, as `latest.json` points at it: where it is, its sha256, and
+    what its network is, so later stages need not download it to learn its step or shape."""
+
+    format: Literal["diffusion-pipeline/checkpoint@1"] = "diffusion-pipeline/checkpoint@1"
+    run_id: str
+    step: int
+    key: str
+    sha256: str
+    unet: UNetConfig
+    model: ModelConfig
+    dataset_fingerprint: str
+
+    @classmethod
+    def latest(cls, store: Store, run_id: str) -> Checkpoint | None:
+        """The newest complete checkpoint of `run_id`, or None before its first one."""
+        return cls.read_or_none(store, layout.latest_checkpoint(run_id))
+
+    def read_bytes(self, store: Store) -> bytes:
+        """The checkpoint's bytes, checked against the sha256 recorded when it was written."""
+        data = store.read_bytes(self.key)
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            raise RecordFormatError(
+                f"checkpoint {store.url(self.key)} does not match its recorded sha256 "
+                f"{self.sha256[:16]}…: it was changed or damaged after it was written; restore it "
+                f"or point {layout.latest_checkpoint(self.run_id)} at an intact checkpoint"
+            )
+        return data
+
+
+class TrainResult(_Model):
+    checkpoint: Checkpoint
+    resumed_from: int | None
+    trained_steps: int
+    loss: float | None  # mean over the last logging window, all ranks; None when nothing ran
+
+
+# -- sample --------------------------------------------------------------------------------------
+class SampleShard(Record):
+    """Receipt of one seed range's shard, written after the shard: its presence means complete."""
+
+    format: Literal["diffusion-pipeline/sample-shard@1"] = "diffusion-pipeline/sample-shard@1"
+    key: str
+    count: int
+    sha256: str
+    bytes: int
+    seed_start: int
+    seed_stop: int
+
+
+class SampleSet(Record):
+    """A complete sample set (manifest written last)."""
+
+    format: Literal["diffusion-pipeline/samples@2"] = "diffusion-pipeline/samples@2"
+    name: str
+    run_id: str
+    checkpoint: Checkpoint
+    weights_key: str
+    num_images: int
+    image_size: int
+    channels: int
+    shards: list[SampleShard]
+    config: SampleConfig
+    created: str
+
+    @property
+    def prefix(self) -> str:
+        return layout.sample_set_prefix(self.run_id, self.name)
+
+    @property
+    def key(self) -> str:
+        return layout.sample_manifest(self.prefix)
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+class ExtractorRecord(_Model):
+    label: str
+    weights_sha256: str
+    standard: bool  # the published pt_inception-2015-12-05 weights: FIDs comparable with papers
+    source: str
+
+
+MetricName = Literal["fid", "kid"]
+
+
+class Metrics(Record):
+    """One evaluation of a sample set against the held-out split (`runs/<id>/eval/<set>/`)."""
+
+    format: Literal["diffusion-pipeline/metrics@1"] = "diffusion-pipeline/metrics@1"
+    run_id: str
+    sample_set: str
+    samples_key: str
+    checkpoint_key: str
+    checkpoint_step: int
+    sampling: SampleConfig
+    num_images: int
+    num_reference_images: int | None = None
+    reference_stats_key: str | None = None
+    dataset_fingerprint: str
+    fid: float | None = None
+    kid_mean: float | None = None
+    kid_std: float | None = None
+    kid_subset_size: int | None = None
+    kid_subsets: int | None = None
+    isc_mean: float | None = None
+    isc_std: float | None = None
+    extractor: ExtractorRecord
+    created: str
+
+    @property
+    def comparable_with_published(self) -> bool:
+        return self.extractor.standard
+
+    @property
+    def prefix(self) -> str:
+        return layout.eval_prefix(self.run_id, self.sample_set)
+
+    @property
+    def key(self) -> str:
+        return layout.eval_metrics(self.prefix)
+
+    @property
+    def grid_key(self) -> str:
+        return layout.eval_grid(self.prefix)
+
+    @property
+    def report_key(self) -> str:
+        return layout.eval_report(self.prefix)
+
+    def value(self, metric: MetricName) -> float | None:
+        return self.fid if metric == "fid" else self.kid_mean
+
+
+class Evaluation(_Model):
+    """The evaluate stage's hand-off: the metrics and the report it wrote (not read back)."""
+
+    metrics: Metrics
+    report_markdown: str
+
+
+# -- promote -------------------------------------------------------------------------------------
+class PromotionDecision(_Model):
+    promoted: bool
+    reason: str
+    model_name: str
+    metric: MetricName
+    value: float | None
+    checkpoint_key: str
+    checkpoint_step: int
+    promoted_key: str | None = None
+    decided_at: str
+
+
+class Champion(Record):
+    """`models/<name>/current.json`: the promoted model and the evaluation that won it the place."""
+
+    format: Literal["diffusion-pipeline/champion@1"] = "diffusion-pipeline/champion@1"
+    checkpoint_key: str  # the store's own copy, which outlives training's pruning
+    source_checkpoint_key: str
+    metrics: Metrics
+    promoted_at: str
+
+
+class PromotionHistory(Record):
+    format: Literal["diffusion-pipeline/promotion-history@1"] = (
+        "diffusion-pipeline/promotion-history@1"
+    )
+    decisions: list[PromotionDecision]
+
+
+# -- nightly -------------------------------------------------------------------------------------
+class NightlySummary(Record):
+    format: Literal["diffusion-pipeline/nightly@1"] = "diffusion-pipeline/nightly@1"
+    run_id: str
+    stamp: str
+    dataset: str
+    manifest_key: str
+    shards_reused: bool
+    step: int
+    resumed_from: int | None
+    trained_steps: int
+    checkpoint_key: str
+    samples_key: str
+    metrics: Metrics
+    promotion: PromotionDecision
+    report_key: str
+    report_url: str

@@ -1,0 +1,29 @@
+"""Process-wide settings, made in one explicit call: `setup_process()`.
+
+Importing any module of this project changes nothing outside it. The CLI calls `setup_process()`
+first thing, `ensure_ray` calls it before Ray is imported, and a flow run calls it when it starts
+(a Prefect worker imports our flows itself). Settings already in the environment win.
+"""
+
+from __future__ import annotations
+
+import os
+
+PROCESS_DEFAULTS = {
+    # Our modules log through `logging`; Prefect forwards these loggers to the run logs. Read when
+    # Prefect is imported: a worker that imports Prefect first needs it in its own environment.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "tasks,flows",
+    # The embedded default runs on Prefect's ephemeral API; on a busy 2-core machine its start can
+    # take longer than Prefect's 20 s default.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Under `uv run`, Ray would start every worker with `uv run` in a copy of the working directory
+    # (a fresh environment per job); our workers use this interpreter and its packages.
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+}
+
+
+def setup_process() -> None:
+    """Set this process's defaults (idempotent); call before Prefect or Ray are imported."""
+    for name, value in PROCESS_DEFAULTS.items():
+        os.environ.setdefault(name, value)
