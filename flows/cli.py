@@ -8,13 +8,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 
 from pydantic import BaseModel
 
+from flows.watchdog import start_watchdog
 from tasks.config import ConfigError, load_config, to_yaml
-from tasks.records import Evaluation, NightlySummary, SampleSet, ShardResult, TrainResult
+from tasks.datasets import check_source
+from tasks.errors import describe_failure
+from tasks.records import (
+    Checkpoint,
+    Evaluation,
+    NightlySummary,
+    SampleSet,
+    ShardResult,
+    TrainResult,
+)
 from tasks.runtime import setup_process
+from tasks.storage import open_store
 
 STAGES = {
     "shard": "shard the dataset into WebDataset tars with a manifest (reused when unchanged)",
@@ -45,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
             help="config overrides, e.g. train.steps=200",
         )
         p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="also show Ray's and Prefect's own logs and a failure's full cause chain",
+        )
         if name == "serve":
             p.add_argument("--cron", default=None, help="schedule (default: 0 2 * * *, 02:00 UTC)")
             p.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
@@ -73,9 +91,38 @@ def _print_result(result: BaseModel) -> None:
         print(f"samples: {result.key} ({result.num_images} images)")
 
 
+class _Quiet(logging.Filter):
+    """Default console: our progress lines, warnings of every layer, no tracebacks (the CLI prints
+    a failure once, at the end) and none of Prefect's own reports of that same failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("prefect") and (
+            record.levelno >= logging.ERROR
+            or any(
+                s in record.getMessage() for s in ("Failed(", "Crashed(", "failed with exception")
+            )
+        ):
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_Quiet())
+        logging.getLogger("ray").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_process()
     args = _parser().parse_args(argv)
+    if args.verbose:  # Ray workers' own output too
+        args.overrides = [*args.overrides, "ray.worker_logs=true"]
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
@@ -84,11 +131,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    _configure_logging(args.verbose)
+    # What can be checked without Ray or Prefect fails here, in seconds: the store (bucket,
+    # endpoint, credentials) and the dataset source.
+    try:
+        store = open_store(cfg.storage)
+        if args.command in ("shard", "train", "nightly", "evaluate"):
+            check_source(cfg.data)
+        if args.command in ("sample", "evaluate") and not Checkpoint.latest(
+            store, cfg.train.run_id
+        ):
+            raise FileNotFoundError(
+                f"run {cfg.train.run_id!r} has no checkpoint yet; run `diffpipe train` first"
+            )
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"diffpipe {args.command}: {describe_failure(err)}", file=sys.stderr)
+        return 2
 
+    # From here on, services start: whatever they leave behind is ended when this process ends.
+    start_watchdog()
     from flows import nightly as flows_mod
 
     if args.command == "serve":
@@ -112,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     flow = flows[args.command]
     try:
         result = flow(config_path=args.config, overrides=args.overrides)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        print(f"diffpipe {args.command}: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - every failure ends as one message and exit code 1
+        print(f"diffpipe {args.command}: {describe_failure(err)}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exception(err)
+        else:
+            print("(run again with -v for the full cause chain)", file=sys.stderr)
         return 1
     _print_result(result)
     return 0

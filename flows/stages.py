@@ -24,6 +24,7 @@ from tasks.config import (
 )
 from tasks.evaluate_ray import evaluate
 from tasks.promote import promote_if_better
+from tasks.errors import root_causes
 from tasks.records import (
     Checkpoint,
     DatasetManifest,
@@ -48,7 +49,8 @@ def _transient_failure(task: Any, task_run: Any, state: Any) -> bool:  # Prefect
     try:
         state.result()
     except BaseException as err:  # noqa: BLE001 - the state's error, classified below
-        return is_transient(err)
+        # Ray Train keeps each worker's error apart (and its pickling drops __cause__)
+        return any(is_transient(cause) for cause in [err, *root_causes(err)])
     return False
 
 

@@ -32,7 +32,8 @@ class StorageConfig(_Frozen):
     """Where artifacts live. `root` is an fsspec URL: `./artifacts`, `file:///abs/path`, `s3://bucket/prefix`.
 
     S3 credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-    AWS_SESSION_TOKEN, AWS_PROFILE); they are never stored in config files or artifacts.
+    AWS_SESSION_TOKEN, AWS_PROFILE) or an instance role; they are never stored in config files or
+    artifacts. `retry_budget_s` is the patience of the one retry policy (`tasks.retry`).
     """
 
     root: str = Field(
@@ -45,6 +46,13 @@ class StorageConfig(_Frozen):
     )
     region: str | None = Field(
         default=None, description="S3 region; defaults to $AWS_REGION / $AWS_DEFAULT_REGION"
+    )
+    retry_budget_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="S3: how long one store call retries an outage (connection refused or reset, "
+        "timeouts, throttling, 5xx) with backoff before the run fails with an error naming the "
+        "endpoint; 0 = no retries",
     )
 
     @field_validator("root")
@@ -245,6 +253,14 @@ class RayConfig(_Frozen):
     )
     num_cpus: int | None = Field(
         default=None, ge=1, description="CPUs of a local cluster (None = all)"
+    )
+    worker_logs: bool = Field(
+        default=False,
+        description="forward the Ray workers' own output to this console (diffpipe -v sets it); progress is shown either way",
+    )
+    autoscaling: bool = Field(
+        default=False,
+        description="the cluster grows on demand: wait for resources it does not have yet instead of failing at once",
     )
 
 

@@ -66,21 +66,62 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _mnist_like(name: str, folder_name: str, cfg: DataConfig, class_names: list[str]) -> Source:
+def _mnist_files(name: str, folder_name: str, cfg: DataConfig) -> tuple[Path, Path] | None:
+    """The IDX image and label files of an MNIST-like dataset under `data.root`, or None."""
     if cfg.root is None:
         raise ValueError(
             f"dataset {name!r} needs data.root: a folder holding {folder_name}/raw/ (torchvision's layout)"
         )
     root = Path(cfg.root).expanduser()
     prefix = "train" if cfg.source_split == "train" else "t10k"
-    searched = [root / folder_name / "raw", root / folder_name, root]
-    for folder in searched:
+    for folder in [root / folder_name / "raw", root / folder_name, root]:
         img = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
         lab = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
         if img and lab:
-            images = _read_idx(img)[:, None]
-            labels = _read_idx(lab).astype(np.int64)
-            return Source(name, images, labels, class_names)
+            return img, lab
+    return None
+
+
+def _missing_mnist(name: str, folder_name: str, cfg: DataConfig) -> FileNotFoundError:
+    root = Path(cfg.root or ".").expanduser()
+    prefix = "train" if cfg.source_split == "train" else "t10k"
+    searched = [root / folder_name / "raw", root / folder_name, root]
+    return FileNotFoundError(
+        f"dataset {name!r}: no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz] in "
+        f"{', '.join(str(p) for p in searched)}; place the files there or set data.download=true (needs network)"
+    )
+
+
+_MNIST_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Fail in milliseconds, before any service starts, when the configured source cannot be read
+    (missing files or folders); reading and validating the images is the shard stage's job."""
+    name = cfg.dataset
+    if name in _MNIST_FOLDERS:
+        if _mnist_files(name, _MNIST_FOLDERS[name], cfg) is None and not cfg.download:
+            raise _missing_mnist(name, _MNIST_FOLDERS[name], cfg)
+    elif name == "cifar10":
+        if cfg.root is None:
+            raise ValueError(
+                "dataset 'cifar10' needs data.root: the folder holding cifar-10-batches-py/"
+            )
+        folder = Path(cfg.root).expanduser() / "cifar-10-batches-py"
+        if not folder.is_dir() and not cfg.download:
+            raise FileNotFoundError(f"dataset 'cifar10': {folder} is not a directory")
+    elif name.startswith("imagefolder:"):
+        root = Path(name.split(":", 1)[1]).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"imagefolder {str(root)!r} is not a directory")
+
+
+def _mnist_like(name: str, folder_name: str, cfg: DataConfig, class_names: list[str]) -> Source:
+    files = _mnist_files(name, folder_name, cfg)
+    if files is not None:
+        img, lab = files
+        return Source(name, _read_idx(img)[:, None], _read_idx(lab).astype(np.int64), class_names)
+    root = Path(cfg.root or ".").expanduser()
     if cfg.download:
         import torchvision
 
@@ -89,10 +130,7 @@ def _mnist_like(name: str, folder_name: str, cfg: DataConfig, class_names: list[
         return Source(
             name, ds.data.numpy()[:, None], ds.targets.numpy().astype(np.int64), class_names
         )
-    raise FileNotFoundError(
-        f"dataset {name!r}: no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz] in "
-        f"{', '.join(str(p) for p in searched)}; place the files there or set data.download=true (needs network)"
-    )
+    raise _missing_mnist(name, folder_name, cfg)
 
 
 def _cifar10(cfg: DataConfig) -> Source:

@@ -124,6 +124,22 @@ def _read_images_checked(store: Store, keys: list[str], channels: int, count: in
     return images
 
 
+def sample_problems(images: np.ndarray) -> list[str]:
+    """What makes a sample set degenerate whatever its FID: every image flat (one value, e.g. the
+    black images of a diverged model), or every image the same."""
+    flat = images.reshape(len(images), -1)
+    problems = []
+    if (flat.max(axis=1) == flat.min(axis=1)).all():
+        problems.append(f"all {len(images)} samples are flat images (a single pixel value each)")
+    elif len(images) > 1 and (flat == flat[0]).all():
+        problems.append(f"all {len(images)} samples are the same image")
+    return problems
+
+
+def _non_finite(value: object) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -150,6 +166,8 @@ def report_markdown(metrics: Metrics) -> str:
         f"# Sample evaluation: run `{metrics.run_id}`, step {metrics.checkpoint_step}",
         "",
     ]
+    for problem in metrics.problems:
+        lines += [f"> **NOT TRUSTWORTHY: {problem}.** This evaluation is never promoted.", ""]
     if not extractor.standard:
         lines += [
             f"> **WARNING: FID computed with a stand-in extractor ({extractor.label}); "
@@ -218,6 +236,9 @@ def evaluate_samples(
         store, [s.key for s in samples.shards], dataset.channels, samples.num_images
     )
 
+    problems = sample_problems(images)
+    for problem in problems:
+        log.warning("sample set %s: %s", store.url(samples.key), problem)
     extractor = extractor or resolve_extractor(cfg, store, cache_dir=cache_dir)
     features = extract_features(images, extractor, cfg.batch_size, device)
     scores: dict[str, float | int | str] = {}
@@ -267,6 +288,7 @@ def evaluate_samples(
             "num_images": len(images),
             "dataset_fingerprint": dataset.fingerprint,
             "extractor": extractor.to_record(),
+            "problems": problems + [f"{k} is {v}" for k, v in scores.items() if _non_finite(v)],
             "created": _now(),
         }
     )

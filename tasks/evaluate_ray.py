@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tasks.config import EvalConfig, RayConfig, StorageConfig
 from tasks.evaluate import evaluate_samples
-from tasks.ray_runtime import ensure_ray
+from tasks.ray_runtime import check_resources, ensure_ray
 from tasks.records import DatasetManifest, Evaluation, SampleSet
 from tasks.storage import Store, open_store
 
@@ -30,6 +30,7 @@ def evaluate(
     if not cfg.use_gpu:
         return evaluate_samples(store, dataset, samples, cfg, device="cpu")
     ensure_ray(ray_cfg)
+    check_resources(ray_cfg, {"CPU": cfg.cpus, "GPU": 1.0}, 1, "evaluation (evaluate.use_gpu)")
     import ray
 
     remote = ray.remote(_evaluate_remote).options(num_gpus=1, num_cpus=cfg.cpus)

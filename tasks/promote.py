@@ -9,6 +9,7 @@ evaluations are comparable (same extractor weights, same reference statistics, s
 from __future__ import annotations
 
 import logging
+import math
 from datetime import UTC, datetime
 
 from tasks import layout
@@ -47,7 +48,10 @@ def promote_if_better(
         )
     current = Champion.read_or_none(store, layout.model_current(cfg.model_name))
     current_value = current.metrics.value(cfg.metric) if current else None
-    if current is None:
+    if not math.isfinite(value) or metrics.problems:
+        why = "; ".join(metrics.problems) or f"{cfg.metric} is {value}"
+        promote, reason = False, f"the evaluation is not trustworthy: {why}"
+    elif current is None:
         promote, reason = True, "no model promoted yet"
     elif reasons := incomparable_reasons(metrics, current.metrics):
         promote, reason = (

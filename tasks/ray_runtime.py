@@ -35,9 +35,38 @@ def ensure_ray(cfg: RayConfig) -> None:
         ray.init(
             address=address,
             runtime_env={"py_modules": modules, "env_vars": env_vars},
-            log_to_driver=True,
+            log_to_driver=cfg.worker_logs,
         )
     else:
         log.info("starting a local Ray cluster (num_cpus=%s)", cfg.num_cpus or "all")
         # Local workers inherit this process's environment (credentials included) from ray.init.
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False)
+        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=cfg.worker_logs)
+
+
+class ResourcesUnavailableError(ValueError):
+    """A request the Ray cluster can never satisfy (it would wait forever)."""
+
+
+def check_resources(cfg: RayConfig, bundle: dict[str, float], count: int, what: str) -> None:
+    """Fail at once when `count` x `bundle` (e.g. {"CPU": 1, "GPU": 1} per training worker) cannot
+    fit the cluster: each bundle on one node, all of them together. An autoscaling cluster
+    (`ray.autoscaling`) is trusted to grow instead."""
+    import ray
+
+    if cfg.autoscaling:
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    totals = {r: sum(n.get(r, 0.0) for n in nodes) for r in bundle}
+    per_node_fit = sum(
+        int(min(n.get(r, 0.0) / amount for r, amount in bundle.items() if amount > 0))
+        for n in nodes
+    )
+    if per_node_fit >= count:
+        return
+    asked = ", ".join(f"{r}: {a:g}" for r, a in bundle.items())
+    has = ", ".join(f"{r}: {totals[r]:g}" for r in bundle)
+    raise ResourcesUnavailableError(
+        f"{what} asks for {count} x {{{asked}}}, but the Ray cluster has {{{has}}} in all over "
+        f"{len(nodes)} node(s) and fits only {per_node_fit}; lower the request, add nodes, or set "
+        "ray.autoscaling=true if the cluster grows on demand"
+    )

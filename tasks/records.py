@@ -241,6 +241,7 @@ class Metrics(Record):
     isc_mean: float | None = None
     isc_std: float | None = None
     extractor: ExtractorRecord
+    problems: list[str] = []  # why these numbers must not be trusted (degenerate samples, ...)
     created: str
 
     @property

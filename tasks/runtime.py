@@ -27,3 +27,9 @@ def setup_process() -> None:
     """Set this process's defaults (idempotent); call before Prefect or Ray are imported."""
     for name, value in PROCESS_DEFAULTS.items():
         os.environ.setdefault(name, value)
+
+
+def temp_prefix(pid: int | None = None) -> str:
+    """Name prefix of the temporary folders process `pid` makes (flows/watchdog.py removes them
+    when that process is gone)."""
+    return f"diffpipe-{pid or os.getpid()}-"

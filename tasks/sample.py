@@ -25,7 +25,7 @@ from diffusion_core.seeding import ImageNoise
 from diffusion_core.unet import UNet
 from tasks import layout
 from tasks.config import ModelConfig, RayConfig, SampleConfig, StorageConfig
-from tasks.ray_runtime import ensure_ray
+from tasks.ray_runtime import check_resources, ensure_ray
 from tasks.records import Checkpoint, SampleSet, SampleShard
 from tasks.storage import Store, open_store
 from tasks.webdata import RawSample, encode_png, write_shard
@@ -165,6 +165,12 @@ def _write_weights(store: Store, checkpoint: Checkpoint, use_ema: bool, key: str
     weights = (
         state["ema"]["model"] if use_ema and "model" in state.get("ema", {}) else state["model"]
     )
+    bad = [name for name, w in weights.items() if w.is_floating_point() and not w.isfinite().all()]
+    if bad:
+        raise ValueError(
+            f"checkpoint {store.url(checkpoint.key)} has non-finite weights ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}); refusing to sample from a diverged model"
+        )
     store.write_bytes(
         key,
         save_checkpoint(
@@ -200,6 +206,8 @@ def sample_images(
         _write_weights(store, checkpoint, cfg.use_ema, weights_key)
 
     ensure_ray(ray_cfg)
+    task_resources = {"CPU": cfg.cpus_per_task, **({"GPU": 1.0} if cfg.use_gpu else {})}
+    check_resources(ray_cfg, task_resources, 1, "a sampling task")
     import ray
 
     # Ray re-runs a task whose worker process died; errors were already retried by the store.

@@ -45,23 +45,15 @@ def split_indices(n: int, holdout_fraction: float, seed: int) -> dict[layout.Spl
     return {"holdout": np.sort(order[:n_holdout]), "train": np.sort(order[n_holdout:])}
 
 
-def _manifest_is_complete(store: Store, manifest: DatasetManifest) -> bool:
-    for split in manifest.splits.values():
-        for shard in split.shards:
-            try:
-                if store.size(shard.key) != shard.bytes:
-                    return False
-            except FileNotFoundError:
-                return False
-    return True
-
-
 def verify_manifest(store: Store, manifest: DatasetManifest) -> list[str]:
     """Re-hash every shard; returns the keys whose sha256 differs from the manifest (empty = all good)."""
     bad = []
     for split in manifest.splits.values():
         for shard in split.shards:
-            if not store.exists(shard.key) or store.sha256(shard.key) != shard.sha256:
+            try:
+                if store.sha256(shard.key) != shard.sha256:
+                    bad.append(shard.key)
+            except FileNotFoundError:
                 bad.append(shard.key)
     return bad
 
@@ -99,13 +91,17 @@ def shard_dataset(cfg: DataConfig, store: Store) -> ShardResult:
     except RecordFormatError as err:
         log.warning("rewriting the shard set: %s", err)
         existing = None
-    if (
-        existing is not None
-        and existing.fingerprint == fingerprint
-        and _manifest_is_complete(store, existing)
-    ):
-        log.info("reusing shards of %s (fingerprint %s)", store.url(prefix), fingerprint[:12])
-        return ShardResult(manifest=existing, reused=True)
+    if existing is not None and existing.fingerprint == fingerprint:
+        # Content, not sizes: a flipped byte must not be trained on (or blamed on something else).
+        damaged = verify_manifest(store, existing)
+        if not damaged:
+            log.info("reusing shards of %s (fingerprint %s)", store.url(prefix), fingerprint[:12])
+            return ShardResult(manifest=existing, reused=True)
+        log.warning(
+            "%d shard(s) do not match the manifest's sha256 (%s): rewriting the set from the source",
+            len(damaged),
+            ", ".join(store.url(k) for k in damaged),
+        )
 
     splits = split_indices(len(src.images), cfg.holdout_fraction, cfg.seed)
     manifest = DatasetManifest(

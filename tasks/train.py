@@ -10,22 +10,26 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from tasks import layout
 from tasks.config import PipelineConfig
-from tasks.ray_runtime import ensure_ray
+from tasks.ray_runtime import check_resources, ensure_ray
 from tasks.records import Checkpoint, DatasetManifest, TrainResult
+from tasks.runtime import temp_prefix
 from tasks.storage import Store
-from tasks.train_loop import TrainJob, run_training
+from tasks.train_loop import TrainJob, check_resume_compatible, run_training, unet_config_for
 
 log = logging.getLogger(__name__)
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     job: TrainJob = config["job"]
+    progress = config["progress"]  # a ray.util.queue.Queue read by the driver
     import ray.train
     import ray.train.torch
 
@@ -33,6 +37,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True)
+    logging.getLogger("ray").setLevel(logging.WARNING)  # its per-report INFO lines are noise
     device = ray.train.torch.get_device()
     run_training(
         job,
@@ -40,8 +45,47 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train
         world_size=world,
         device=device,
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
-        report=lambda metrics: ray.train.report(metrics),
+        report=lambda metrics: _report(metrics, rank, progress),
     )
+
+
+def _report(metrics: dict[str, float], rank: int, progress: Any) -> None:
+    """Every rank reports to Ray Train; rank 0 also tells the driver, which shows the progress."""
+    import ray.train
+
+    ray.train.report(metrics)
+    if rank == 0:
+        progress.put(metrics)
+
+
+def _run_with_progress(fit: Callable[[], Any], progress: Any, target: int, per_step: int) -> Any:
+    """Run `fit` (blocking) in a thread; meanwhile log the progress rank 0 sends: step, loss,
+    images/s and the time left."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-train-fit") as pool:
+        running = pool.submit(fit)
+        while not running.done() or not progress.empty():
+            try:
+                m = progress.get(timeout=1.0)
+            except Exception:  # noqa: BLE001 - ray.util.queue.Empty: nothing new this second
+                continue
+            steps_per_s = m["images_per_s"] / per_step
+            eta = (target - m["step"]) / steps_per_s if steps_per_s > 0 else float("nan")
+            log.info(
+                "step %d/%d  loss %.4f  %.0f img/s  ETA %s",
+                m["step"],
+                target,
+                m["loss"],
+                m["images_per_s"],
+                _duration(eta),
+            )
+        return running.result()  # re-raises fit's error here
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:  # nan
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def target_step(cfg: PipelineConfig, done: int, *, nightly: bool) -> int:
@@ -58,6 +102,8 @@ def train(
     """Run (or resume) training of `train.run_id` to its target step on the dataset `manifest`."""
     tc = cfg.train
     latest = Checkpoint.latest(store, tc.run_id)
+    if latest is not None:  # before anything is written, the run's config.json included
+        check_resume_compatible(latest, cfg.model, unet_config_for(cfg.model, manifest))
     target = target_step(cfg, latest.step if latest else 0, nightly=nightly)
     if latest is not None and latest.step >= target:
         log.info(
@@ -68,30 +114,38 @@ def train(
         )
         return TrainResult(checkpoint=latest, resumed_from=latest.step, trained_steps=0, loss=None)
 
+    if latest is not None:
+        log.info("resuming run %s from step %d to %d", tc.run_id, latest.step, target)
     store.write_json(layout.run_config(tc.run_id), cfg.model_dump(mode="json"))
     job = TrainJob(config=cfg, target_step=target, manifest=manifest)
-
-    ensure_ray(cfg.ray)
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
+    ensure_ray(cfg.ray)
+    check_resources(
+        cfg.ray, resources, tc.num_workers, f"training (train.num_workers={tc.num_workers})"
+    )
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    progress = Queue(actor_options={"num_cpus": 0})
     # Ray's own storage only holds its run metadata; our checkpoints live in the object store.
-    ray_storage = tempfile.mkdtemp(prefix="diffpipe-ray-")
+    ray_storage = tempfile.mkdtemp(prefix=temp_prefix() + "ray-")
     try:
         trainer = TorchTrainer(
             _train_loop_per_worker,
-            train_loop_config={"job": job},
+            train_loop_config={"job": job, "progress": progress},
             scaling_config=ScalingConfig(
                 num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
             ),
             run_config=RunConfig(name=f"{tc.run_id}-{target}", storage_path=ray_storage),
         )
-        result = trainer.fit()
+        result = _run_with_progress(trainer.fit, progress, target, tc.batch_size * tc.num_workers)
     finally:
         shutil.rmtree(ray_storage, ignore_errors=True)
+        progress.shutdown()
     final = Checkpoint.latest(store, tc.run_id)
     if final is None or final.step != target:
         raise RuntimeError(

@@ -8,6 +8,7 @@ checkpoint, and the data position, the noise and the dropout masks of a step are
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -46,6 +47,21 @@ def unet_config_for(model: ModelConfig, manifest: DatasetManifest) -> UNetConfig
         dropout=model.dropout,
         num_classes=manifest.num_classes if model.class_conditional else None,
     )
+
+
+def check_resume_compatible(latest: Checkpoint, model: ModelConfig, unet: UNetConfig) -> None:
+    """A run resumes only with the network and diffusion process it was started with."""
+    ours = {**dataclasses.asdict(unet), **model.model_dump()}
+    theirs = {**dataclasses.asdict(latest.unet), **latest.model.model_dump()}
+    differ = [
+        f"{k}: {theirs[k]!r} in the run, {ours[k]!r} now" for k in ours if ours[k] != theirs[k]
+    ]
+    if differ:
+        raise ValueError(
+            f"run {latest.run_id!r} (at step {latest.step}) was trained with another network or "
+            f"diffusion process, so it cannot resume with this config: {'; '.join(differ)}. "
+            "Restore those settings, or start a new run with another train.run_id."
+        )
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -150,6 +166,34 @@ def _step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + step) % (2**63)
 
 
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss or weights; nothing was saved from that point on."""
+
+
+def _check_finite(
+    losses: list[torch.Tensor], done: int, run_id: str, net: torch.nn.Module | None
+) -> None:
+    """Raise DivergedError naming the first step whose loss is not finite (the losses are those of
+    steps done - len(losses) + 1 .. done), or when `net` holds a non-finite weight."""
+    finite = torch.isfinite(torch.stack(losses)) if losses else torch.ones(0, dtype=torch.bool)
+    bad = (~finite).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        step = done - len(losses) + i + 1
+        raise DivergedError(
+            f"training of run {run_id!r} diverged: the loss at step {step} is "
+            f"{float(losses[i])}; no checkpoint was written after it, and the run's latest checkpoint "
+            "is still the last good one. Lower train.lr, set train.grad_clip, or check the data."
+        )
+    if net is not None:
+        for name, p in net.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise DivergedError(
+                    f"training of run {run_id!r} diverged: weight {name} is not finite after step "
+                    f"{done}; no checkpoint was written. Lower train.lr or set train.grad_clip."
+                )
+
+
 def run_training(
     job: TrainJob,
     *,
@@ -177,10 +221,13 @@ def run_training(
     start_step, resumed_from = 0, None
     latest = Checkpoint.latest(store, tc.run_id)
     if latest is not None:
+        check_resume_compatible(latest, job.model, unet_cfg)
         state = load_checkpoint(latest.read_bytes(store), map_location=device)
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:  # the config's settings, not the checkpoint's, drive on
+            group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay)
         start_step = resumed_from = int(state["step"])
         if rank == 0:
             log.info(
@@ -206,7 +253,9 @@ def run_training(
     data = batches(samples, tc.batch_size, job.manifest.channels, device)
     null_label = unet_cfg.num_classes if unet_cfg.num_classes is not None else None
 
-    t0, losses, last_loss = time.perf_counter(), [], None
+    t0 = time.perf_counter()
+    losses: list[torch.Tensor] = []  # this rank's losses since the last logging window
+    last_loss: float | None = None
     for step in range(start_step, job.target_step):
         x0, labels = next(data)
         if tc.channels_last:
@@ -238,7 +287,12 @@ def run_training(
         losses.append(loss.detach())
 
         done = step + 1
-        if done % tc.log_every == 0 or done == job.target_step:
+        log_now = done % tc.log_every == 0 or done == job.target_step
+        save_now = rank == 0 and (done % tc.checkpoint_every == 0 or done == job.target_step)
+        if log_now or save_now:
+            # Checked before anything is logged or saved: a diverged run never writes a checkpoint.
+            _check_finite(losses, done, tc.run_id, net if save_now else None)
+        if log_now:
             mean_loss = torch.stack(losses).mean()
             if world_size > 1:  # gloo has no AVG: sum, then divide
                 dist.all_reduce(mean_loss)
@@ -263,7 +317,7 @@ def run_training(
                 )
             if report:
                 report(metrics)
-        if rank == 0 and (done % tc.checkpoint_every == 0 or done == job.target_step):
+        if save_now:
             save_run_checkpoint(store, job, unet_cfg, net, ema, opt, done)
     if world_size > 1:
         dist.barrier()  # no rank returns before rank 0's last checkpoint is committed

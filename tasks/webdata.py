@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -79,7 +80,8 @@ def write_shard(store: Store, key: str, samples: Iterable[RawSample]) -> ShardIn
     count = 0
     with store.open_atomic(key) as f:
         hashing = _HashingWriter(f)
-        with wds.TarWriter(hashing, compress=False) as sink:
+        # A fixed mtime: the same samples make the same bytes (a rewrite keeps its sha256).
+        with wds.TarWriter(hashing, compress=False, mtime=0.0) as sink:
             for sample in samples:
                 extra = set(sample) - ALLOWED_MEMBERS - {"__key__"}
                 if extra:
@@ -96,6 +98,10 @@ def write_shard(store: Store, key: str, samples: Iterable[RawSample]) -> ShardIn
     return ShardInfo(key=key, count=count, sha256=hashing.hash.hexdigest(), bytes=hashing.size)
 
 
+class ShardReadError(ValueError):
+    """A shard or one of its samples cannot be read; the message names the shard URL and sample."""
+
+
 def iter_raw_samples(store: Store, keys: list[str]) -> Iterator[RawSample]:
     """Stream the samples of `keys` in order, members as raw bytes (no decoding, no pickle).
 
@@ -103,19 +109,34 @@ def iter_raw_samples(store: Store, keys: list[str]) -> Iterator[RawSample]:
     samples by webdataset's own tar iterators.
     """
     for key in keys:
-        with store.open_read(key) as stream:
-            yield from group_by_keys(tar_file_expander([{"url": store.url(key), "stream": stream}]))
+        url, last = store.url(key), None
+        try:
+            with store.open_read(key) as stream:
+                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                    last = sample.get("__key__")
+                    yield sample
+        except (tarfile.TarError, OSError, ValueError, EOFError) as err:
+            where = f"after sample {last!r}" if last else "at its first sample"
+            raise ShardReadError(
+                f"cannot read shard {url} ({where}): {type(err).__name__}: {err}. The shard is "
+                "damaged or was changed after it was written; rerun the stage that wrote it."
+            ) from err
 
 
 def decode_sample(sample: RawSample, channels: int) -> DecodedSample:
     """Raw webdataset sample -> image uint8 [C, H, W], label (None when absent) and its JSON meta."""
+    where = f"sample {sample.get('__key__')!r} of shard {sample.get('__url__')}"
     if "png" not in sample:
-        raise ValueError(
-            f"sample {sample.get('__key__')!r} in {sample.get('__url__')!r} has no png member"
-        )
-    label = int(sample["cls"]) if "cls" in sample else None
-    meta = json.loads(sample["json"]) if "json" in sample else {}
-    return DecodedSample(sample["__key__"], decode_png(sample["png"], channels), label, meta)
+        raise ShardReadError(f"{where} has no png member")
+    try:
+        label = int(sample["cls"]) if "cls" in sample else None
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        image = decode_png(sample["png"], channels)
+    except (OSError, ValueError, SyntaxError) as err:  # PIL raises SyntaxError for broken PNGs
+        raise ShardReadError(
+            f"{where} cannot be decoded ({type(err).__name__}: {err}); rerun the stage that wrote it"
+        ) from err
+    return DecodedSample(sample["__key__"], image, label, meta)
 
 
 def iter_images(store: Store, keys: list[str], channels: int) -> Iterator[DecodedSample]:

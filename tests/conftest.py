@@ -34,18 +34,29 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    """A moto S3 server as its own process; credentials are dummies it accepts."""
+def start_moto(port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """A moto S3 server process on 127.0.0.1:`port`, listening when this returns."""
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    port = free_port()
     proc = subprocess.Popen(
         [exe, "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     try:
         wait_for_port(port)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server as its own process; credentials are dummies it accepts."""
+    port = free_port()
+    proc = start_moto(port)
+    try:
         endpoint = f"http://127.0.0.1:{port}"
         saved = {
             k: os.environ.get(k)
@@ -65,6 +76,68 @@ def s3_endpoint():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_endpoint_checking_keys(s3_endpoint):
+    """A second moto server that checks credentials as AWS does (moto's IAM authentication): only
+    its first request is let through unchecked, so a test can create its bucket with it."""
+    port = free_port()
+    proc = start_moto(port, {"INITIAL_NO_AUTH_ACTION_COUNT": "1"})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+class TcpProxy:
+    """tests/tcp_proxy.py as a process in front of the S3 test server: `stop()` kills it (SIGKILL:
+    connections drop, new ones are refused), `start()` brings it back on the same port."""
+
+    def __init__(self, target_port: int):
+        self.port = free_port()
+        self.target_port = target_port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert self.proc is None, "the proxy is already running"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "tests" / "tcp_proxy.py"),
+                str(self.port),
+                str(self.target_port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            proc.kill()
+            raise RuntimeError(f"tcp_proxy did not start on port {self.port} ({proc.wait()})")
+        self.proc = proc
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def s3_proxy(s3_endpoint):
+    """A running TcpProxy to the S3 test server: use `s3_proxy.endpoint` as the store's endpoint."""
+    proxy = TcpProxy(int(s3_endpoint.rsplit(":", 1)[1]))
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
 
 
 @pytest.fixture

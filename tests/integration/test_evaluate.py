@@ -351,3 +351,30 @@ def test_evaluate_samples_rejects_channel_mismatch(
     rgb = _write_samples(store, np.zeros((4, 1, 28, 28), np.uint8), channels=3)
     with pytest.raises(ValueError, match=r"\(channels, size\) = \(3, 28\)"):
         evaluate_samples(store, dataset_manifest, rgb, EvalConfig(), extractor=standin)
+
+
+def test_degenerate_samples_are_flagged_and_never_promoted(
+    store: Store, dataset_manifest: DatasetManifest, standin: ExtractorInfo, tmp_path: Path
+) -> None:
+    from tasks.config import PromoteConfig
+    from tasks.promote import promote_if_better
+
+    black = _write_samples(store, np.zeros((8, 1, 28, 28), np.uint8))  # a diverged model's output
+    cfg = EvalConfig(metrics=("fid",), grid_images=8, batch_size=8)
+    result = evaluate_samples(store, dataset_manifest, black, cfg, extractor=standin)
+    assert result.metrics.problems == ["all 8 samples are flat images (a single pixel value each)"]
+    assert "NOT TRUSTWORTHY" in result.report_markdown
+    own = Store(StorageConfig(root=str(tmp_path)))
+    ckpt_bytes = b"weights"
+    ckpt = black.checkpoint.model_copy(
+        update={"key": "runs/nightly/checkpoints/step-00000600.pt", "sha256": _sha(ckpt_bytes)}
+    )
+    own.write_bytes(ckpt.key, ckpt_bytes)
+    decision = promote_if_better(own, PromoteConfig(), result.metrics, ckpt)
+    assert not decision.promoted and "not trustworthy: all 8 samples are flat" in decision.reason
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

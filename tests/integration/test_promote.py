@@ -103,3 +103,12 @@ def test_a_champion_of_another_format_version_is_a_clear_error(store):
     store.write_json(layout.model_current("default"), {"format": "diffusion-pipeline/champion@0"})
     with pytest.raises(RecordFormatError, match="champion@0.*reads diffusion-pipeline/champion@1"):
         promote_if_better(store, PromoteConfig(), _metrics(5.0), _checkpoint(store, 1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_evaluation_is_never_promoted(store, bad):
+    decision = promote_if_better(store, PromoteConfig(), _metrics(bad), _checkpoint(store, 1))
+    assert not decision.promoted and "not trustworthy" in decision.reason
+    assert not store.exists(layout.model_current("default"))
+    # and a later, sound model is promoted as the first one
+    assert promote_if_better(store, PromoteConfig(), _metrics(5.0), _checkpoint(store, 2)).promoted

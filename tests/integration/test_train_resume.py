@@ -10,11 +10,18 @@ import torch
 
 from diffusion_core.checkpoint import load_checkpoint
 from tasks import layout
-from tasks.config import PipelineConfig, StorageConfig
+from tasks.config import ModelConfig, PipelineConfig, StorageConfig
 from tasks.records import Checkpoint, DatasetManifest, ShardInfo
 from tasks.shard import shard_dataset
 from tasks.storage import Store
-from tasks.train_loop import TrainJob, run_training, shards_for_rank, stream_samples
+from tasks.train import train
+from tasks.train_loop import (
+    DivergedError,
+    TrainJob,
+    run_training,
+    shards_for_rank,
+    stream_samples,
+)
 
 SMALL = {
     "data": {"max_images": 120, "samples_per_shard": 32},
@@ -35,12 +42,14 @@ SMALL = {
 }
 
 
-def _job(store: Store, manifest: DatasetManifest, target: int, run_id: str) -> TrainJob:
+def _job(
+    store: Store, manifest: DatasetManifest, target: int, run_id: str, **train: object
+) -> TrainJob:
     cfg = PipelineConfig.model_validate(
         {
             **SMALL,
             "storage": {"root": store.config.root},
-            "train": {**SMALL["train"], "run_id": run_id},
+            "train": {**SMALL["train"], "run_id": run_id, **train},
         }
     )
     return TrainJob(config=cfg, target_step=target, manifest=manifest)
@@ -131,3 +140,33 @@ def test_stream_skip_equals_reading_past(sharded):
     full = keys(0, 250)  # crosses an epoch boundary (108 train images)
     assert keys(130, 120) == full[130:]
     assert len(set(full[:108])) == 108  # an epoch visits each image once
+
+
+def test_a_diverged_run_stops_and_saves_nothing(sharded):
+    store, manifest = sharded
+    run_training(_job(store, manifest, 3, "diverge"))
+    good = _latest(store, "diverge")
+    with pytest.raises(DivergedError, match=r"run 'diverge' diverged: .*(step [4-6]|after step 6)"):
+        run_training(_job(store, manifest, 6, "diverge", lr=1e38, grad_clip=None))
+    assert _latest(store, "diverge") == good  # latest still points at the last good checkpoint
+    names = [k.rsplit("/", 1)[-1] for k in store.list(layout.checkpoints_prefix("diverge"))]
+    assert names == ["latest.json", "step-00000003.pt"]
+    weights = load_checkpoint(good.read_bytes(store))["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_an_incompatible_resume_fails_before_anything_is_written(sharded):
+    store, manifest = sharded
+    run_training(_job(store, manifest, 3, "shape"))
+    store.write_text(layout.run_config("shape"), "the run's own config")
+    before = _latest(store, "shape")
+    wider = _job(store, manifest, 3, "shape").config.model_copy(
+        update={"model": ModelConfig(**{**SMALL["model"], "base_channels": 16})}
+    )
+    for target in (3, 6):  # also when the target step is already reached
+        cfg = wider.model_copy(update={"train": wider.train.model_copy(update={"steps": target})})
+        with pytest.raises(ValueError, match=r"base_channels: 8 in the run, 16 now") as err:
+            train(cfg, store, manifest)
+        assert "another train.run_id" in str(err.value)
+    assert store.read_bytes(layout.run_config("shape")) == b"the run's own config"
+    assert _latest(store, "shape") == before

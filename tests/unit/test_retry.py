@@ -1,11 +1,17 @@
-"""One retry policy: transient errors are retried with backoff, everything else fails at once, and
-wrapped errors (Ray, Prefect) are classified by their cause."""
+"""One retry policy: transient errors are retried with capped backoff until a time budget is spent,
+everything else fails at once, and wrapped errors (Ray, Prefect) are classified by their cause."""
 
 from __future__ import annotations
 
+import errno
+import pickle
+import time
+
+import aiohttp
+import botocore.exceptions
 import pytest
 
-from tasks.retry import is_transient, retry_transient
+from tasks.retry import RetryBudgetSpent, is_transient, retry_transient
 
 
 def test_transient_errors_are_retried_then_succeed() -> None:
@@ -17,11 +23,18 @@ def test_transient_errors_are_retried_then_succeed() -> None:
             raise ConnectionResetError("connection reset by peer")
         return "ok"
 
-    assert retry_transient(flaky, first_delay=0.001) == "ok" and len(calls) == 3
+    assert retry_transient(flaky, budget_s=5, first_delay=0.001) == "ok" and len(calls) == 3
 
 
 @pytest.mark.parametrize(
-    "err", [FileNotFoundError("k"), PermissionError("denied"), ValueError("bad data")]
+    "err",
+    [
+        FileNotFoundError("k"),
+        PermissionError("denied"),
+        ValueError("bad data"),
+        OSError(errno.EINVAL, "InvalidArgument"),  # s3fs's mapping of a 400 answer
+        botocore.exceptions.NoCredentialsError(),
+    ],
 )
 def test_deterministic_errors_fail_at_once(err: Exception) -> None:
     calls = []
@@ -31,20 +44,95 @@ def test_deterministic_errors_fail_at_once(err: Exception) -> None:
         raise err
 
     with pytest.raises(type(err)):
-        retry_transient(fails, first_delay=0.001)
+        retry_transient(fails, budget_s=5, first_delay=0.001)
     assert len(calls) == 1
 
 
-def test_the_retry_budget_ends_with_the_last_error() -> None:
+def test_the_budget_is_time_and_ends_with_the_last_error() -> None:
+    calls: list[float] = []
+
+    def down() -> None:
+        calls.append(time.monotonic())
+        raise TimeoutError(f"read timed out ({len(calls)})")
+
+    start = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"read timed out \(\d+\)") as err:
+        retry_transient(down, budget_s=0.5, first_delay=0.01, max_delay=0.04)
+    took = time.monotonic() - start
+    assert str(err.value) == f"read timed out ({len(calls)})"  # the last error, not the first
+    assert 0.5 <= took < 1.5
+    assert calls[-1] - start >= 0.5  # the last try starts at the deadline, not before
+    # Capped at 0.04 s the pauses stay short (>= 10 tries); doubling without a cap would give ~6.
+    assert len(calls) >= 10
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert gaps[0] >= 0.005 and min(gaps[2:-1]) >= 0.02  # each pause is at least half its step
+
+
+class Unavailable(RuntimeError, RetryBudgetSpent):
+    """As the store's StorageUnavailableError."""
+
+
+def test_a_spent_budget_raises_the_callers_error_from_the_last_one() -> None:
+    seen: list[tuple[Exception, int, float]] = []
+
+    def give_up(err: Exception, attempts: int, seconds: float) -> Exception:
+        seen.append((err, attempts, seconds))
+        return Unavailable(f"down for {seconds:.1f} s after {attempts} attempts")
+
+    def down() -> None:
+        raise ConnectionRefusedError("refused")
+
+    with pytest.raises(Unavailable, match="down for") as err:
+        retry_transient(down, budget_s=0.1, first_delay=0.01, give_up=give_up)
+    ((last, attempts, seconds),) = seen
+    assert err.value.__cause__ is last and isinstance(last, ConnectionRefusedError)
+    assert attempts >= 2 and seconds >= 0.1
+    # For Prefect's stage retry a spent budget is transient, also after Ray pickled it (which
+    # drops __cause__) ...
+    assert is_transient(err.value)
+    assert is_transient(pickle.loads(pickle.dumps(err.value)))
+
+    # ... but an outer retry_transient does not retry it: budgets never nest.
+    calls = []
+
+    def inner_gave_up() -> None:
+        calls.append(1)
+        raise err.value
+
+    with pytest.raises(Unavailable):
+        retry_transient(inner_gave_up, budget_s=5, first_delay=0.001)
+    assert len(calls) == 1
+
+
+def test_a_zero_budget_tries_once() -> None:
     calls = []
 
     def down() -> None:
         calls.append(1)
-        raise TimeoutError("read timed out")
+        raise ConnectionError("refused")
 
-    with pytest.raises(TimeoutError):
-        retry_transient(down, attempts=3, first_delay=0.001)
-    assert len(calls) == 3
+    with pytest.raises(ConnectionError):
+        retry_transient(down, budget_s=0)
+    assert len(calls) == 1
+
+
+def test_the_s3_client_stacks_network_errors_are_transient() -> None:
+    url = "http://127.0.0.1:9"
+    # botocore raises EndpointConnectionError with aiohttp's error only as its __context__, and
+    # none of these is a builtin ConnectionError.
+    for err in [
+        botocore.exceptions.EndpointConnectionError(endpoint_url=url),
+        botocore.exceptions.ConnectTimeoutError(endpoint_url=url),
+        botocore.exceptions.ReadTimeoutError(endpoint_url=url),
+        botocore.exceptions.ConnectionClosedError(endpoint_url=url),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("response payload is not completed"),
+        OSError(errno.EBUSY, "SlowDown"),  # s3fs's mapping of a 503 answer
+    ]:
+        assert is_transient(err), err
+    assert not issubclass(botocore.exceptions.EndpointConnectionError, ConnectionError)
+    assert not is_transient(botocore.exceptions.NoCredentialsError())
+    assert not is_transient(OSError(errno.ENOSPC, "No space left on device"))
 
 
 def test_wrapped_errors_are_classified_by_their_cause() -> None:

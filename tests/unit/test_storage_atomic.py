@@ -1,8 +1,14 @@
-"""An interrupted write leaves no partial object visible (local directory; S3 in integration)."""
+"""An interrupted write leaves no partial object visible (local directory; S3 in integration), and a
+local store does not retry."""
 
 from __future__ import annotations
 
+import errno
+import os
+import time
+
 import pytest
+from pydantic import ValidationError
 
 from tasks.config import StorageConfig, resolve_storage
 from tasks.storage import Store
@@ -61,3 +67,21 @@ def test_keys_cannot_leave_the_root(tmp_path, key):
     with pytest.raises(ValueError, match="not a plain path below the storage root"):
         store.read_bytes(key)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+
+
+def test_a_local_store_does_not_retry(tmp_path):
+    """Waiting does not mend a local filesystem's errors: they surface at once, as the OS says."""
+    store = Store(StorageConfig(root=str(tmp_path)))
+    os.symlink("loop", tmp_path / "loop")  # the OS refuses it with ELOOP: waiting will not help
+    start = time.monotonic()
+    with pytest.raises(OSError) as err:
+        store.read_bytes("loop")
+    assert err.value.errno == errno.ELOOP and time.monotonic() - start < 0.4
+
+
+def test_the_retry_budget_is_validated_and_round_trips():
+    assert StorageConfig().retry_budget_s == 120.0
+    cfg = StorageConfig(root="s3://b/p", retry_budget_s=7.5)
+    assert StorageConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+    with pytest.raises(ValidationError, match="retry_budget_s"):
+        StorageConfig(retry_budget_s=-1)

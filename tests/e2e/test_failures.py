@@ -1,0 +1,183 @@
+"""Failures as a user meets them at the command line: checked before any service starts, reported
+once in one clear message whatever layer raised them, and nothing left running or lying around
+after a run ends or is killed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import layout
+from tasks.config import load_config
+from tasks.records import Checkpoint
+from tasks.shard import shard_dataset
+from tasks.storage import Store
+from tasks.train_loop import TrainJob, run_training
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+DIFFPIPE = str(Path(sys.executable).parent / "diffpipe")
+SMALL = [
+    "data.max_images=200",
+    "data.samples_per_shard=50",
+    "model.base_channels=8",
+    "model.channel_mult=[1,2]",
+    "model.attention_resolutions=[4]",
+    "train.batch_size=8",
+    "train.num_workers=1",
+    "ray.num_cpus=2",
+]
+
+
+@pytest.fixture
+def tmpdir_short():
+    """A temp folder of its own for the run (to see what it leaves), with a short path: Ray's
+    socket paths below TMPDIR must stay under 108 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="dpt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(tmp_path: Path, tmpdir: Path | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "RAY_"))}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect")}
+    return env | ({"TMPDIR": str(tmpdir)} if tmpdir else {})
+
+
+def _run(
+    args: list[str], tmp_path: Path, timeout: float = 300, tmpdir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [DIFFPIPE, *args],
+        cwd=REPO,
+        env=_env(tmp_path, tmpdir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_what_can_be_checked_early_fails_in_seconds(tmp_path, s3_endpoint):
+    cases = [
+        (["nightly", "data.dataset=mnist", f"data.root={tmp_path / 'no-such'}"], "no-such"),
+        (
+            [
+                "nightly",
+                "storage.root=s3://no-such-bucket/p",
+                f"storage.endpoint_url={s3_endpoint}",
+            ],
+            "bucket 'no-such-bucket'",
+        ),
+        (["sample", f"storage.root={tmp_path / 'empty'}"], "has no checkpoint yet"),
+        (["train", "train.lr=-1"], "train.lr"),
+    ]
+    for args, expected in cases:
+        start = time.monotonic()
+        run = _run(args, tmp_path, timeout=60)
+        took = time.monotonic() - start
+        assert run.returncode == 2, (args, run.stderr[-2000:])
+        assert expected in run.stderr and took < 20, (args, took, run.stderr)
+        assert "Traceback" not in run.stderr and "Starting temporary server" not in run.stderr
+
+
+def test_a_failure_inside_a_ray_worker_is_one_clear_message(tmp_path):
+    store_root = tmp_path / "store"
+    overrides = [f"storage.root={store_root}", *SMALL, "train.steps=2", "train.checkpoint_every=2"]
+    cfg = load_config(None, overrides)
+    store = Store(cfg.storage)
+    manifest = shard_dataset(cfg.data, store).manifest
+    first = run_training(TrainJob(config=cfg, target_step=2, manifest=manifest)).checkpoint
+    data = bytearray(store.read_bytes(first.key))
+    data[len(data) // 2] ^= 0xFF  # damaged after it was written
+    store.write_bytes(first.key, bytes(data))
+
+    run = _run(["train", *overrides, "train.steps=4"], tmp_path)
+    assert run.returncode == 1, run.stderr[-3000:]
+    message = "does not match its recorded sha256"
+    final = [line for line in run.stderr.splitlines() if line.startswith("diffpipe train:")]
+    assert len(final) == 1 and message in final[0], run.stderr[-3000:]
+    assert run.stderr.count(message) == 1, run.stderr[-6000:]
+    assert "Traceback" not in run.stderr, run.stderr[-6000:]
+    lines = run.stderr.splitlines()
+    assert "with -v" in lines[lines.index(final[0]) + 1]
+    verbose = _run(["train", *overrides, "train.steps=4", "-v"], tmp_path)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+
+
+def _descendants(pid: int) -> set[int]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            tree.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(
+                int(entry.name)
+            )
+    out, stack = set(), [pid]
+    while stack:
+        for child in tree.get(stack.pop(), []):
+            out.add(child)
+            stack.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_a_killed_run_leaves_nothing_behind_and_resumes(tmp_path, tmpdir_short):
+    store_root = tmp_path / "store"
+    args = [
+        "train",
+        f"storage.root={store_root}",
+        *SMALL,
+        "train.steps=400",
+        "train.checkpoint_every=20",
+        "train.log_every=20",
+    ]
+    proc = subprocess.Popen(
+        [DIFFPIPE, *args],
+        cwd=REPO,
+        env=_env(tmp_path, tmpdir_short),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    latest = store_root / layout.latest_checkpoint("nightly")
+    deadline = time.monotonic() + 240
+    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert latest.exists() and proc.poll() is None, "training never reached its first checkpoint"
+    started = _descendants(proc.pid)
+    assert started, "the run started no processes (Prefect server, Ray)"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    deadline = time.monotonic() + 60
+    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [p for p in started if _alive(p)], "processes of the killed run still run"
+    assert not list(tmpdir_short.glob(f"diffpipe-{proc.pid}-*"))
+
+    store = Store(load_config(None, args[1:]).storage)
+    killed_at = Checkpoint.latest(store, "nightly")
+    assert killed_at is not None and 0 < killed_at.step < 400
+    again = _run(args, tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(step 400)" in again.stdout
+    assert f"resuming run nightly from step {killed_at.step} to 400" in again.stderr
+    assert "step 400/400" in again.stderr  # the driver shows rank 0's progress
