@@ -22,9 +22,9 @@ from tasks.config import (
     SampleConfig,
     StorageConfig,
 )
+from tasks.errors import root_causes
 from tasks.evaluate_ray import evaluate
 from tasks.promote import promote_if_better
-from tasks.errors import root_causes
 from tasks.records import (
     Checkpoint,
     DatasetManifest,
