@@ -156,6 +156,11 @@ class TrainConfig(_Frozen):
     log_every: int = Field(default=50, ge=1)
     shuffle_buffer: int = Field(default=1000, ge=1)
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers (DDP ranks)")
+    max_failures: int = Field(
+        default=2,
+        ge=-1,
+        description="restarts of the worker group after a worker error or a lost node (spot preemption, OOM); each resumes from the last checkpoint; -1 = unlimited",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     bf16: bool = Field(default=False, description="bf16 autocast (GPU)")

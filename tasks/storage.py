@@ -239,9 +239,8 @@ class Store:
     # -- addressing ---------------------------------------------------------------------------
     def path(self, key: str) -> str:
         """The filesystem path of `key`; a key that would leave the root is refused."""
-        key = key.strip("/")
-        parts = key.split("/")
-        if key and any(p in ("", ".", "..") for p in parts):
+        key = key.rstrip("/")  # a folder's trailing slash; a leading one is refused below
+        if key and any(p in ("", ".", "..") for p in key.split("/")):
             raise ValueError(f"storage key {key!r} is not a plain path below the storage root")
         return f"{self.root_path.rstrip('/')}/{key}" if key else self.root_path
 

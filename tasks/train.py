@@ -126,7 +126,7 @@ def train(
     check_resources(
         cfg.ray, resources, tc.num_workers, f"training (train.num_workers={tc.num_workers})"
     )
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
@@ -140,7 +140,12 @@ def train(
             scaling_config=ScalingConfig(
                 num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
             ),
-            run_config=RunConfig(name=f"{tc.run_id}-{target}", storage_path=ray_storage),
+            # A restarted worker group resumes from our latest checkpoint (run_training reads it).
+            run_config=RunConfig(
+                name=f"{tc.run_id}-{target}",
+                storage_path=ray_storage,
+                failure_config=FailureConfig(max_failures=tc.max_failures),
+            ),
         )
         result = _run_with_progress(trainer.fit, progress, target, tc.batch_size * tc.num_workers)
     finally:

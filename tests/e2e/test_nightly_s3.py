@@ -98,6 +98,7 @@ def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harnes
         "root": f"s3://{s3_bucket}/pipeline",
         "endpoint_url": s3_endpoint,
         "region": "us-east-1",
+        "retry_budget_s": 120.0,
     }
     # samples: shards with receipts, manifest last
     assert root + first.samples_key in keys

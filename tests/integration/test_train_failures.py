@@ -1,0 +1,100 @@
+"""A lost training worker is survived: Ray Train restarts the worker group (train.max_failures)
+and training resumes from the last complete checkpoint, ending bitwise equal to a run that lost
+nothing. The worker process is really killed (SIGKILL), as a spot preemption or OOM kill would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_core.checkpoint import load_checkpoint
+from tasks.config import PipelineConfig, StorageConfig
+from tasks.records import Checkpoint
+from tasks.shard import shard_dataset
+from tasks.storage import Store
+from tasks.train import train
+
+pytestmark = pytest.mark.slow
+
+CFG = {
+    "data": {"max_images": 160, "samples_per_shard": 40},
+    "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4]},
+    "train": {
+        "batch_size": 8,
+        "steps": 200,
+        "checkpoint_every": 20,
+        "log_every": 20,
+        "num_workers": 2,
+        "warmup_steps": 5,
+        "ema_warmup_steps": 5,
+    },
+}
+
+
+def _train_workers() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"RayTrainWorker" in cmd:
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def _state(store: Store, run_id: str) -> dict:
+    latest = Checkpoint.latest(store, run_id)
+    assert latest is not None
+    return load_checkpoint(latest.read_bytes(store))
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc")
+def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(tmp_path, ray_cluster):
+    store = Store(StorageConfig(root=str(tmp_path)))
+
+    def config(run_id: str) -> PipelineConfig:
+        return PipelineConfig.model_validate(
+            {**CFG, "storage": {"root": str(tmp_path)}, "train": {**CFG["train"], "run_id": run_id}}
+        )
+
+    manifest = shard_dataset(config("x").data, store).manifest
+    straight = train(config("straight"), store, manifest)
+    assert straight.checkpoint.step == 200
+
+    killed: list[int] = []
+
+    def kill_a_worker_after_the_first_checkpoint() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            latest = Checkpoint.latest(store, "killed")
+            workers = _train_workers()
+            if latest is not None and latest.step >= 20 and workers:
+                os.kill(workers[-1], signal.SIGKILL)
+                killed.append(latest.step)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    result = train(config("killed"), store, manifest)
+    killer.join(timeout=5)
+    assert killed and killed[0] < 200, "no worker was killed mid-run"
+    assert result.checkpoint.step == 200
+
+    a, b = _state(store, "straight"), _state(store, "killed")
+    for part in ("model",):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+    for sa, sb in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
