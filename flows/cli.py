@@ -138,12 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(cfg.storage)
         if args.command in ("shard", "train", "nightly", "evaluate"):
             check_source(cfg.data)
-        if args.command in ("sample", "evaluate") and not Checkpoint.latest(
-            store, cfg.train.run_id
-        ):
-            raise FileNotFoundError(
-                f"run {cfg.train.run_id!r} has no checkpoint yet; run `diffpipe train` first"
-            )
+        if args.command in ("sample", "evaluate"):
+            Checkpoint.require_latest(store, cfg.train.run_id)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"diffpipe {args.command}: {describe_failure(err)}", file=sys.stderr)
         return 2

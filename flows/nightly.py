@@ -32,12 +32,7 @@ def _load(config_path: str | None, overrides: list[str] | None) -> PipelineConfi
 
 
 def _latest_checkpoint(cfg: PipelineConfig) -> Checkpoint:
-    latest = Checkpoint.latest(open_store(cfg.storage), cfg.train.run_id)
-    if latest is None:
-        raise FileNotFoundError(
-            f"run {cfg.train.run_id!r} has no checkpoint yet; run `diffpipe train` first"
-        )
-    return latest
+    return Checkpoint.require_latest(open_store(cfg.storage), cfg.train.run_id)
 
 
 @flow(name="shard")

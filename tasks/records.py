@@ -152,6 +152,15 @@ class Checkpoint(Record):
         """The newest complete checkpoint of `run_id`, or None before its first one."""
         return cls.read_or_none(store, layout.latest_checkpoint(run_id))
 
+    @classmethod
+    def require_latest(cls, store: Store, run_id: str) -> Checkpoint:
+        latest = cls.latest(store, run_id)
+        if latest is None:
+            raise FileNotFoundError(
+                f"run {run_id!r} has no checkpoint yet; run `diffpipe train` first"
+            )
+        return latest
+
     def read_bytes(self, store: Store) -> bytes:
         """The checkpoint's bytes, checked against the sha256 recorded when it was written."""
         data = store.read_bytes(self.key)
