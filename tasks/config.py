@@ -12,10 +12,18 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tasks import layout
 
@@ -25,7 +33,18 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Strict: a value of the wrong type is an error, never converted ("10" is not a step count,
+    # 1 is not `true`); an int is still a float.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+def _list_to_tuple(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
+
+
+T = TypeVar("T")
+# YAML and JSON have lists, not tuples: a list is the tuple's written form.
+Tuple = Annotated[tuple[T, ...], BeforeValidator(_list_to_tuple)]
 
 
 class StorageConfig(_Frozen):
@@ -118,9 +137,9 @@ class ModelConfig(_Frozen):
     """The denoiser and its diffusion process. Image size and channels come from the dataset manifest."""
 
     base_channels: int = Field(default=32, ge=8)
-    channel_mult: tuple[int, ...] = (1, 2)
+    channel_mult: Tuple[int] = (1, 2)
     num_res_blocks: int = Field(default=1, ge=1)
-    attention_resolutions: tuple[int, ...] = (4,)
+    attention_resolutions: Tuple[int] = (4,)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     class_conditional: bool = False
     schedule: Literal["linear", "cosine", "scaled_linear"] = "linear"
@@ -219,7 +238,7 @@ class SampleConfig(_Frozen):
 
 
 class EvalConfig(_Frozen):
-    metrics: tuple[Literal["fid", "kid", "isc"], ...] = ("fid", "kid")
+    metrics: Tuple[Literal["fid", "kid", "isc"]] = ("fid", "kid")
     inception_weights: str | None = Field(
         default=None,
         description="path or URL of torch-fidelity's InceptionV3 weights (pt_inception-2015-12-05); None = its standard download",
@@ -290,6 +309,21 @@ class PipelineConfig(_Frozen):
         return self
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-4` as a string (its floats need a dot); configs mean a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:  # the document as YAML gives it; PipelineConfig checks it
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 class ConfigError(ValueError):
     """A config file or override that does not validate; the message names the field."""
 
@@ -326,7 +360,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not raw.strip():
         return key, raw
     try:
-        return key, yaml.safe_load(raw)
+        return key, _load_yaml(raw)
     except yaml.YAMLError as err:
         raise ConfigError(
             f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); "
@@ -378,7 +412,7 @@ def load_config(
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found")
         try:
-            loaded = yaml.safe_load(p.read_bytes().decode("utf-8"))
+            loaded = _load_yaml(p.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as err:
             raise ConfigError(
                 f"config file {str(p)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8"

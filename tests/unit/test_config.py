@@ -38,6 +38,15 @@ def test_defaults_round_trip_through_json_and_yaml(tmp_path):
         ("storage.root=s3:///prefix", "storage.root"),
         ("storage.root=file://relative/path", "storage.root"),
         ("train.nonsense=1", "train.nonsense"),
+        ("train.steps='10'", "train.steps"),
+        ("train.steps=1e3", "train.steps"),
+        ("train.steps=10.5", "train.steps"),
+        ("train.use_gpu=1", "train.use_gpu"),
+        ("train.use_gpu=yes please", "train.use_gpu"),
+        ("data.seed=[1]", "data.seed"),
+        ("model.channel_mult=12", "model.channel_mult"),
+        ("model.channel_mult=[1,'2']", "model.channel_mult"),
+        ("sample.eta=zero", "sample.eta"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
@@ -114,3 +123,12 @@ def test_cli_dry_run_prints_resolved_config_and_errors_exit_2(tmp_path):
     for stage in ("shard", "train", "sample", "evaluate", "nightly", "serve"):
         h = subprocess.run([*run, stage, "--help"], capture_output=True, text=True, check=True)
         assert "--dry-run" in h.stdout
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-4", "train.weight_decay=5E-2", "evaluate.cpus=2"])
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.05 and cfg.evaluate.cpus == 2.0
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 3e-4\n  run_id: 1e5x\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 3e-4 and cfg.train.run_id == "1e5x"
