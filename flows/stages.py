@@ -22,7 +22,6 @@ from tasks.config import (
     SampleConfig,
     StorageConfig,
 )
-from tasks.errors import root_causes
 from tasks.evaluate_ray import evaluate
 from tasks.promote import promote_if_better
 from tasks.records import (
@@ -49,8 +48,7 @@ def _transient_failure(task: Any, task_run: Any, state: Any) -> bool:  # Prefect
     try:
         state.result()
     except BaseException as err:  # noqa: BLE001 - the state's error, classified below
-        # Ray Train keeps each worker's error apart (and its pickling drops __cause__)
-        return any(is_transient(cause) for cause in [err, *root_causes(err)])
+        return is_transient(err)
     return False
 
 

@@ -100,7 +100,14 @@ def _is_named_transient(err: BaseException) -> bool:
 
 
 def is_transient(err: BaseException) -> bool:
-    """True when `err`, or an error it was raised from (Ray and Prefect wrap errors), is transient."""
+    """True when `err`, or an error it was raised from (Ray and Prefect wrap errors, and Ray Train
+    keeps each worker's error apart), is transient."""
+    from tasks.errors import root_causes  # no import cycle: errors imports nothing of ours
+
+    return any(_transient_chain(e) for e in [err, *root_causes(err)])
+
+
+def _transient_chain(err: BaseException) -> bool:
     for current in _chain(err):
         if isinstance(current, _PERMANENT) or (
             isinstance(current, OSError) and current.errno in _PERMANENT_ERRNOS

@@ -151,3 +151,13 @@ def test_wrapped_errors_are_classified_by_their_cause() -> None:
     except RuntimeError as outer:
         assert is_transient(outer)
     assert not is_transient(RuntimeError("no cause"))
+
+
+def test_a_worker_group_error_is_classified_by_its_workers_errors() -> None:
+    class WorkerGroupError(Exception):  # the shape of ray.train's: one error per worker rank
+        def __init__(self, worker_failures: dict[int, Exception]):
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = worker_failures
+
+    assert is_transient(WorkerGroupError({0: ConnectionError("reset"), 1: ValueError("x")}))
+    assert not is_transient(WorkerGroupError({0: ValueError("diverged")}))
