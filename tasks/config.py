@@ -248,6 +248,11 @@ class EvalConfig(_Frozen):
         description="when the standard weights cannot be had: stop with an error, or continue with a labelled seeded stand-in",
     )
     standin_seed: int = 0
+    repeats: int = Field(
+        default=1,
+        ge=1,
+        description="score k disjoint seed ranges of sample.num_images each; the metrics carry every FID, their mean and standard deviation (the noise promotion weighs)",
+    )
     max_reference_images: int | None = Field(default=None, ge=2)
     batch_size: int = Field(default=32, ge=1)
     kid_subset_size: int = Field(default=100, ge=2)

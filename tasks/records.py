@@ -228,21 +228,43 @@ class ExtractorRecord(_Model):
 MetricName = Literal["fid", "kid"]
 
 
-class Metrics(Record):
-    """One evaluation of a sample set against the held-out split (`runs/<id>/eval/<set>/`)."""
+class Provenance(_Model):
+    """What produced an evaluation: code, libraries and device (shown in the report)."""
 
-    format: Literal["diffusion-pipeline/metrics@1"] = "diffusion-pipeline/metrics@1"
+    package_version: str
+    git_commit: str | None = None  # None outside a git checkout (an installed wheel, an image)
+    torch: str
+    torch_fidelity: str
+    device: str  # e.g. "cpu" or "cuda (NVIDIA H100 80GB HBM3)"
+
+
+class Metrics(Record):
+    """One evaluation of a sample set against the held-out split (`runs/<id>/eval/<set>/`).
+
+    With `evaluate.repeats = k` the set holds k disjoint seed ranges of `num_images` each; every
+    range is scored on its own (`fids`, `kids`) and `fid` / `kid_mean` are their means, `fid_std` /
+    `kid_mean_std` their sample standard deviations (None with one repeat: no noise measured).
+    """
+
+    format: Literal["diffusion-pipeline/metrics@2"] = "diffusion-pipeline/metrics@2"
     run_id: str
     sample_set: str
     samples_key: str
     checkpoint_key: str
     checkpoint_step: int
     sampling: SampleConfig
-    num_images: int
+    num_images: int  # per repeat
+    repeats: int = 1
+    seed_ranges: list[tuple[int, int]] = []  # one [start, stop) per repeat
+    weights: Literal["ema", "raw"] = "ema"
     num_reference_images: int | None = None
     reference_stats_key: str | None = None
     dataset_fingerprint: str
-    fid: float | None = None
+    fid: float | None = None  # mean over the repeats
+    fids: list[float] = []  # one per repeat
+    fid_std: float | None = None
+    kids: list[float] = []  # KID mean of each repeat
+    kid_mean_std: float | None = None
     kid_mean: float | None = None
     kid_std: float | None = None
     kid_subset_size: int | None = None
@@ -250,6 +272,7 @@ class Metrics(Record):
     isc_mean: float | None = None
     isc_std: float | None = None
     extractor: ExtractorRecord
+    provenance: Provenance | None = None
     problems: list[str] = []  # why these numbers must not be trusted (degenerate samples, ...)
     created: str
 
@@ -275,6 +298,16 @@ class Metrics(Record):
 
     def value(self, metric: MetricName) -> float | None:
         return self.fid if metric == "fid" else self.kid_mean
+
+    def values(self, metric: MetricName) -> list[float]:
+        """The metric of each repeat (one value when the evaluation was not repeated)."""
+        per_repeat = self.fids if metric == "fid" else self.kids
+        single = self.value(metric)
+        return list(per_repeat) if per_repeat else ([] if single is None else [single])
+
+    def std(self, metric: MetricName) -> float | None:
+        """Sample standard deviation of the metric over the repeats; None with one repeat."""
+        return self.fid_std if metric == "fid" else self.kid_mean_std
 
 
 class Evaluation(_Model):
