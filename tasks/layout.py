@@ -83,6 +83,21 @@ def latest_checkpoint(run_id: str) -> str:
     return f"{checkpoints_prefix(run_id)}/latest.json"
 
 
+def train_history(run_id: str) -> str:
+    """Every logging window of the run so far (a `TrainHistory` record, rewritten by rank 0)."""
+    return f"{run_prefix(run_id)}/logs/history.json"
+
+
+def tensorboard_prefix(run_id: str) -> str:
+    """TensorBoard event files of the run: `tensorboard --logdir <storage.root>/<this>`."""
+    return f"{run_prefix(run_id)}/tensorboard"
+
+
+def tensorboard_file(run_id: str, filename: str) -> str:
+    """One TensorBoard event file (`events.out.tfevents.*`) of the run."""
+    return f"{tensorboard_prefix(run_id)}/{part(filename, 'event file name')}"
+
+
 # -- sample sets and their evaluations -----------------------------------------------------------
 def sample_set_name(step: int, sampler: str, steps: int, digest: str) -> str:
     """A sample set's folder name; `digest` covers every setting that changes the images."""

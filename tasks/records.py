@@ -180,6 +180,27 @@ class TrainResult(_Model):
     loss: float | None  # mean over the last logging window, all ranks; None when nothing ran
 
 
+class LogWindow(_Model):
+    """One training logging window (`train.log_every` steps), averaged over all ranks."""
+
+    step: int  # the window's last step
+    loss: float
+    lr: float
+    images_per_s: float
+    data_wait: float  # fraction of the window's step time spent waiting for data
+    grad_norm: float | None = None
+    seconds: float  # wall time of the window
+
+
+class TrainHistory(Record):
+    """`runs/<id>/logs/history.json`: every logging window of the run, across nights and resumes
+    (windows after a resumed checkpoint's step replace those of the lost attempt)."""
+
+    format: Literal["diffusion-pipeline/train-history@1"] = "diffusion-pipeline/train-history@1"
+    run_id: str
+    windows: list[LogWindow]
+
+
 # -- sample --------------------------------------------------------------------------------------
 class SampleShard(Record):
     """Receipt of one seed range's shard, written after the shard: its presence means complete."""

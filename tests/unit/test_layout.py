@@ -105,9 +105,12 @@ def _layout_keys() -> tuple[list[str], set[str]]:
         L["model_current"]("default"),
         L["model_history"]("default"),
         L["model_checkpoint"]("default", step),
+        L["train_history"](run),
+        L["tensorboard_file"](run, "events.out.tfevents.1764100000.host.123.0"),
     ]
     L["checkpoints_prefix"](run), L["reference_stats_prefix"](fp), L["extractors_prefix"]()
     L["model_prefix"]("default"), L["run_prefix"](run), L["part"]("x", "x")
+    L["tensorboard_prefix"](run)
     return keys, called
 
 
