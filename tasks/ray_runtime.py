@@ -47,26 +47,31 @@ class ResourcesUnavailableError(ValueError):
     """A request the Ray cluster can never satisfy (it would wait forever)."""
 
 
-def check_resources(cfg: RayConfig, bundle: dict[str, float], count: int, what: str) -> None:
+def check_resources(
+    cfg: RayConfig, bundle: dict[str, float], count: int, what: str, *, one_per_node: bool = False
+) -> None:
     """Fail at once when `count` x `bundle` (e.g. {"CPU": 1, "GPU": 1} per training worker) cannot
-    fit the cluster: each bundle on one node, all of them together. An autoscaling cluster
-    (`ray.autoscaling`) is trusted to grow instead."""
+    fit the cluster: each bundle on one node, all of them together (`one_per_node`: each on a node
+    of its own). An autoscaling cluster (`ray.autoscaling`) is trusted to grow instead."""
     import ray
 
     if cfg.autoscaling:
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     totals = {r: sum(n.get(r, 0.0) for n in nodes) for r in bundle}
-    per_node_fit = sum(
+    fits = [
         int(min(n.get(r, 0.0) / amount for r, amount in bundle.items() if amount > 0))
         for n in nodes
-    )
+    ]
+    per_node_fit = sum(min(f, 1) if one_per_node else f for f in fits)
     if per_node_fit >= count:
         return
     asked = ", ".join(f"{r}: {a:g}" for r, a in bundle.items())
     has = ", ".join(f"{r}: {totals[r]:g}" for r in bundle)
     raise ResourcesUnavailableError(
         f"{what} asks for {count} x {{{asked}}}, but the Ray cluster has {{{has}}} in all over "
-        f"{len(nodes)} node(s) and fits only {per_node_fit}; lower the request, add nodes, or set "
+        f"{len(nodes)} node(s) and fits only {per_node_fit}"
+        f"{' on distinct nodes (train.placement_strategy=STRICT_SPREAD)' if one_per_node else ''}"
+        "; lower the request, add nodes, or set "
         "ray.autoscaling=true if the cluster grows on demand"
     )

@@ -19,7 +19,7 @@ import torch
 from tasks import layout
 from tasks.config import PipelineConfig
 from tasks.ray_runtime import check_resources, ensure_ray
-from tasks.records import Checkpoint, DatasetManifest, TrainResult
+from tasks.records import Checkpoint, DatasetManifest, LogWindow, TrainResult
 from tasks.runtime import temp_prefix
 from tasks.storage import Store
 from tasks.train_loop import TrainJob, check_resume_compatible, run_training, unet_config_for
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     job: TrainJob = config["job"]
     progress = config["progress"]  # a ray.util.queue.Queue read by the driver
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -38,6 +39,16 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train
     torch.set_num_threads(max(1, int(job.train.cpus_per_worker)))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, force=True)
     logging.getLogger("ray").setLevel(logging.WARNING)  # its per-report INFO lines are noise
+    runtime = ray.get_runtime_context()
+    progress.put(
+        {
+            "placement": {
+                "rank": rank,
+                "node_id": runtime.get_node_id(),
+                "ip": ray.util.get_node_ip_address(),
+            }
+        }
+    )
     device = ray.train.torch.get_device()
     run_training(
         job,
@@ -45,37 +56,44 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train
         world_size=world,
         device=device,
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
-        report=lambda metrics: _report(metrics, rank, progress),
+        report=lambda window: _report(window, rank, progress),
     )
 
 
-def _report(metrics: dict[str, float], rank: int, progress: Any) -> None:
+def _report(window: LogWindow, rank: int, progress: Any) -> None:
     """Every rank reports to Ray Train; rank 0 also tells the driver, which shows the progress."""
     import ray.train
 
+    metrics = window.model_dump()
     ray.train.report(metrics)
     if rank == 0:
-        progress.put(metrics)
+        progress.put({"window": metrics})
 
 
 def _run_with_progress(fit: Callable[[], Any], progress: Any, target: int, per_step: int) -> Any:
-    """Run `fit` (blocking) in a thread; meanwhile log the progress rank 0 sends: step, loss,
-    images/s and the time left."""
+    """Run `fit` (blocking) in a thread; meanwhile log what the workers send: where each rank runs,
+    and rank 0's step, loss, images/s, data wait and the time left."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-train-fit") as pool:
         running = pool.submit(fit)
         while not running.done() or not progress.empty():
             try:
-                m = progress.get(timeout=1.0)
+                message = progress.get(timeout=1.0)
             except Exception:  # noqa: BLE001 - ray.util.queue.Empty: nothing new this second
                 continue
-            steps_per_s = m["images_per_s"] / per_step
-            eta = (target - m["step"]) / steps_per_s if steps_per_s > 0 else float("nan")
+            if "placement" in message:
+                p = message["placement"]
+                log.info("rank %d runs on node %s (%s)", p["rank"], p["node_id"], p["ip"])
+                continue
+            m = LogWindow.model_validate(message["window"])
+            steps_per_s = m.images_per_s / per_step
+            eta = (target - m.step) / steps_per_s if steps_per_s > 0 else float("nan")
             log.info(
-                "step %d/%d  loss %.4f  %.0f img/s  ETA %s",
-                m["step"],
+                "step %d/%d  loss %.4f  %.0f img/s  data wait %.0f%%  ETA %s",
+                m.step,
                 target,
-                m["loss"],
-                m["images_per_s"],
+                m.loss,
+                m.images_per_s,
+                100 * m.data_wait,
                 _duration(eta),
             )
         return running.result()  # re-raises fit's error here
@@ -117,14 +135,18 @@ def train(
     if latest is not None:
         log.info("resuming run %s from step %d to %d", tc.run_id, latest.step, target)
     store.write_json(layout.run_config(tc.run_id), cfg.model_dump(mode="json"))
-    job = TrainJob(config=cfg, target_step=target, manifest=manifest)
+    job = TrainJob(config=cfg, target_step=target, manifest=manifest, temp_prefix=temp_prefix())
 
     resources = {"CPU": tc.cpus_per_worker}
     if tc.use_gpu:
         resources["GPU"] = 1
     ensure_ray(cfg.ray)
     check_resources(
-        cfg.ray, resources, tc.num_workers, f"training (train.num_workers={tc.num_workers})"
+        cfg.ray,
+        resources,
+        tc.num_workers,
+        f"training (train.num_workers={tc.num_workers})",
+        one_per_node=tc.placement_strategy == "STRICT_SPREAD",
     )
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -138,7 +160,10 @@ def train(
             _train_loop_per_worker,
             train_loop_config={"job": job, "progress": progress},
             scaling_config=ScalingConfig(
-                num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+                num_workers=tc.num_workers,
+                use_gpu=tc.use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=tc.placement_strategy,
             ),
             # A restarted worker group resumes from our latest checkpoint (run_training reads it).
             run_config=RunConfig(

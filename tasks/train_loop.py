@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import count, islice
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -28,11 +25,14 @@ from diffusion_core.schedules import alpha_bar_from_betas, make_betas
 from diffusion_core.unet import UNet, UNetConfig
 from tasks import layout
 from tasks.config import ModelConfig, PipelineConfig, TrainConfig
-from tasks.records import Checkpoint, DatasetManifest, ShardInfo, TrainResult
+from tasks.records import Checkpoint, DatasetManifest, LogWindow, TrainResult
+from tasks.runtime import temp_prefix
 from tasks.storage import Store, open_store, sha256_bytes
-from tasks.webdata import RawSample, decode_sample, iter_raw_samples
+from tasks.train_data import RankBatches, load_batches, to_device
+from tasks.train_log import RunLog
 
 log = logging.getLogger(__name__)
+FUSED_ADAMW = ("cpu", "cuda")
 
 
 def unet_config_for(model: ModelConfig, manifest: DatasetManifest) -> UNetConfig:
@@ -64,82 +64,6 @@ def check_resume_compatible(latest: Checkpoint, model: ModelConfig, unet: UNetCo
         )
 
 
-# -- data ---------------------------------------------------------------------------------------
-def shards_for_rank(
-    shards: list[ShardInfo], rank: int, world_size: int, epoch: int, seed: int
-) -> list[ShardInfo]:
-    """This rank's shards for one epoch: a seeded shuffle dealt round-robin.
-
-    With fewer shards than ranks, ranks share shards (rank r reads shard r mod n), so no rank is
-    ever left without data: an empty rank would hang DDP's all-reduce (webdataset #188).
-    """
-    if not shards:
-        raise ValueError("the train split has no shards")
-    order = list(shards)
-    random.Random(f"{seed}-{epoch}").shuffle(order)
-    if len(order) >= world_size:
-        return order[rank::world_size]
-    return [order[rank % len(order)]]
-
-
-def stream_samples(
-    store: Store,
-    shards: list[ShardInfo],
-    rank: int,
-    world_size: int,
-    *,
-    seed: int,
-    shuffle_buffer: int,
-    skip: int = 0,
-) -> Iterator[RawSample]:
-    """Endless raw samples for one rank, shuffled with a per-(epoch, rank) seed; the first `skip` are dropped.
-
-    Whole epochs are skipped from the manifest's counts without reading; inside an epoch the skipped
-    samples are read but not decoded.
-    """
-    for epoch in count():
-        mine = shards_for_rank(shards, rank, world_size, epoch, seed)
-        epoch_len = sum(s.count for s in mine)
-        if skip >= epoch_len:
-            skip -= epoch_len
-            continue
-        rng = random.Random(f"{seed}-{epoch}-{rank}")
-        yield from islice(
-            _shuffled(iter_raw_samples(store, [s.key for s in mine]), rng, shuffle_buffer),
-            skip,
-            None,
-        )
-        skip = 0
-
-
-def _shuffled(samples: Iterator[RawSample], rng: random.Random, buffer: int) -> Iterator[RawSample]:
-    """Buffered shuffle (webdataset's approach, with our seeded rng so a resume replays it exactly)."""
-    buf: list[RawSample] = []
-    for sample in samples:
-        if len(buf) < buffer:
-            buf.append(sample)
-            continue
-        j = rng.randrange(len(buf))
-        buf[j], sample = sample, buf[j]
-        yield sample
-    rng.shuffle(buf)
-    yield from buf
-
-
-def batches(
-    samples: Iterator[RawSample], batch_size: int, channels: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Raw samples -> (x0 float32 [B, C, H, W] in [-1, 1], labels int64 [B])."""
-    while True:
-        images, labels = [], []
-        for _ in range(batch_size):
-            s = decode_sample(next(samples), channels)
-            images.append(s.image)
-            labels.append(s.label if s.label is not None else 0)
-        x = torch.from_numpy(np.stack(images)).to(device=device, dtype=torch.float32) / 127.5 - 1.0
-        yield x, torch.tensor(labels, dtype=torch.long, device=device)
-
-
 # -- the loop -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainJob:
@@ -148,6 +72,9 @@ class TrainJob:
     config: PipelineConfig  # resolved; saved in every checkpoint, so the artifact carries it
     target_step: int
     manifest: DatasetManifest
+    # Local temporary folders are named with the driver's prefix, so that its watchdog removes
+    # them even when a worker on its machine is killed.
+    temp_prefix: str = dataclasses.field(default_factory=temp_prefix)
 
     @property
     def model(self) -> ModelConfig:
@@ -156,6 +83,40 @@ class TrainJob:
     @property
     def train(self) -> TrainConfig:
         return self.config.train
+
+
+@dataclass
+class _Window:
+    """What one rank measures over one logging window."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    data_wait_s: float = 0.0  # blocked on the next batch (and its copy to the device)
+    losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    grad_norms: list[torch.Tensor] = dataclasses.field(default_factory=list)
+
+    def close(self, step: int, lr: float, batch_size: int, world_size: int) -> LogWindow:
+        """The window averaged over all ranks (a collective: every rank calls it at `step`)."""
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        means = torch.stack(
+            [
+                torch.stack(self.losses).float().mean(),
+                torch.tensor(self.data_wait_s / seconds, device=self.losses[0].device),
+            ]
+        )
+        if world_size > 1:  # gloo has no AVG: sum, then divide
+            dist.all_reduce(means)
+            means /= world_size
+        loss, data_wait = (float(v) for v in means)
+        return LogWindow(
+            step=step,
+            loss=loss,
+            lr=lr,
+            images_per_s=len(self.losses) * batch_size * world_size / seconds,
+            data_wait=data_wait,
+            # Equal on every rank: DDP averaged the gradients before they were measured.
+            grad_norm=float(torch.stack(self.grad_norms).float().mean()),
+            seconds=seconds,
+        )
 
 
 def _lr_factor(step: int, warmup: int) -> float:
@@ -201,7 +162,7 @@ def run_training(
     world_size: int = 1,
     device: torch.device | None = None,
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    report: Callable[[dict[str, float]], None] | None = None,
+    report: Callable[[LogWindow], None] | None = None,
 ) -> TrainResult:
     """Train up to `job.target_step`, resuming from the latest checkpoint (rank 0 saves)."""
     device = device or torch.device("cpu")
@@ -216,7 +177,11 @@ def run_training(
     if tc.channels_last:
         net = net.to(memory_format=torch.channels_last)
     ema = EMA(net, decay=tc.ema_decay, warmup_steps=tc.ema_warmup_steps)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # One fused kernel for all parameters (CPU and CUDA): the per-parameter loop of the default
+    # implementation is a visible share of a small model's step.
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type in FUSED_ADAMW
+    )
 
     start_step, resumed_from = 0, None
     latest = Checkpoint.latest(store, tc.run_id)
@@ -241,84 +206,102 @@ def run_training(
         opt, lambda s: _lr_factor(s, tc.warmup_steps), last_epoch=start_step - 1
     )
 
-    samples = stream_samples(
-        store,
-        job.manifest.split("train").shards,
-        rank,
-        world_size,
-        seed=tc.seed,
-        shuffle_buffer=tc.shuffle_buffer,
-        skip=start_step * tc.batch_size,
+    data = load_batches(
+        RankBatches(
+            storage=job.config.storage,
+            shards=job.manifest.split("train").shards,
+            rank=rank,
+            world_size=world_size,
+            seed=tc.seed,
+            shuffle_buffer=tc.shuffle_buffer,
+            batch_size=tc.batch_size,
+            channels=job.manifest.channels,
+            start_step=start_step,
+            hflip=job.config.data.hflip,
+        ),
+        tc.data_workers,
+        device,
     )
-    data = batches(samples, tc.batch_size, job.manifest.channels, device)
     null_label = unet_cfg.num_classes if unet_cfg.num_classes is not None else None
-
-    t0 = time.perf_counter()
-    losses: list[torch.Tensor] = []  # this rank's losses since the last logging window
+    params = list(net.parameters())
+    run_log = (
+        RunLog(store, tc.run_id, start_step, job.temp_prefix)
+        if rank == 0 and start_step < job.target_step
+        else None
+    )
+    window = _Window()
     last_loss: float | None = None
-    for step in range(start_step, job.target_step):
-        x0, labels = next(data)
-        if tc.channels_last:
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        step_seed = _step_seed(tc.seed, rank, step)
-        torch.manual_seed(step_seed)  # dropout masks
-        gen = torch.Generator(device=device).manual_seed(
-            step_seed
-        )  # timesteps, noise, label dropout
-        with autocast(device, enabled=tc.bf16):
-            loss = training_loss(
-                model,
-                x0,
-                labels if null_label is not None else None,
-                alpha_bar=alpha_bar,
-                prediction_type=job.model.prediction_type,
-                generator=gen,
-                min_snr_gamma=tc.min_snr_gamma,
-                label_dropout=tc.label_dropout if null_label is not None else 0.0,
-                null_label=null_label,
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), tc.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update(net, step)
-        losses.append(loss.detach())
-
-        done = step + 1
-        log_now = done % tc.log_every == 0 or done == job.target_step
-        save_now = rank == 0 and (done % tc.checkpoint_every == 0 or done == job.target_step)
-        if log_now or save_now:
-            # Checked before anything is logged or saved: a diverged run never writes a checkpoint.
-            _check_finite(losses, done, tc.run_id, net if save_now else None)
-        if log_now:
-            mean_loss = torch.stack(losses).mean()
-            if world_size > 1:  # gloo has no AVG: sum, then divide
-                dist.all_reduce(mean_loss)
-                mean_loss /= world_size
-            losses.clear()
-            last_loss = float(mean_loss)
-            rate = tc.log_every * tc.batch_size * world_size / max(time.perf_counter() - t0, 1e-9)
-            t0 = time.perf_counter()
-            metrics: dict[str, float] = {
-                "step": done,
-                "loss": float(mean_loss),
-                "images_per_s": rate,
-                "lr": float(sched.get_last_lr()[0]),
-            }
-            if rank == 0:
-                log.info(
-                    "step %d/%d loss %.4f (%.0f img/s)",
-                    done,
-                    job.target_step,
-                    metrics["loss"],
-                    rate,
+    try:
+        for step in range(start_step, job.target_step):
+            waited = time.perf_counter()
+            x0, labels = to_device(next(data), device)
+            window.data_wait_s += time.perf_counter() - waited
+            if tc.channels_last:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            step_seed = _step_seed(tc.seed, rank, step)
+            torch.manual_seed(step_seed)  # dropout masks
+            # timesteps, noise, label dropout
+            gen = torch.Generator(device=device).manual_seed(step_seed)
+            with autocast(device, enabled=tc.bf16):
+                loss = training_loss(
+                    model,
+                    x0,
+                    labels if null_label is not None else None,
+                    alpha_bar=alpha_bar,
+                    prediction_type=job.model.prediction_type,
+                    generator=gen,
+                    min_snr_gamma=tc.min_snr_gamma,
+                    label_dropout=tc.label_dropout if null_label is not None else 0.0,
+                    null_label=null_label,
                 )
-            if report:
-                report(metrics)
-        if save_now:
-            save_run_checkpoint(store, job, unet_cfg, net, ema, opt, done)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if tc.grad_clip:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(
+                    [p.grad for p in params if p.grad is not None]
+                )
+            opt.step()
+            sched.step()
+            ema.update(net, step)
+            window.losses.append(loss.detach())
+            window.grad_norms.append(grad_norm.detach())
+
+            done = step + 1
+            log_now = done % tc.log_every == 0 or done == job.target_step
+            save_now = rank == 0 and (done % tc.checkpoint_every == 0 or done == job.target_step)
+            if log_now or save_now:
+                # Checked before anything is logged or saved: a diverged run never writes a
+                # checkpoint.
+                _check_finite(window.losses, done, tc.run_id, net if save_now else None)
+            if log_now:
+                logged = window.close(
+                    done, float(sched.get_last_lr()[0]), tc.batch_size, world_size
+                )
+                window = _Window()
+                last_loss = logged.loss
+                if rank == 0:
+                    log.info(
+                        "step %d/%d loss %.4f (%.0f img/s, data wait %.0f%%)",
+                        done,
+                        job.target_step,
+                        logged.loss,
+                        logged.images_per_s,
+                        100 * logged.data_wait,
+                    )
+                if run_log is not None:
+                    run_log.add(logged)
+                if report:
+                    report(logged)
+            if save_now:
+                save_run_checkpoint(store, job, unet_cfg, net, ema, opt, done)
+                if run_log is not None:
+                    run_log.publish()
+    finally:
+        data.close()  # stops the data workers
+        if run_log is not None:
+            run_log.close()
     if world_size > 1:
         dist.barrier()  # no rank returns before rank 0's last checkpoint is committed
     final = Checkpoint.latest(store, tc.run_id)

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from diffusion_core.checkpoint import load_checkpoint
+from tasks import layout
 from tasks.config import PipelineConfig, StorageConfig
-from tasks.records import Checkpoint
+from tasks.records import Checkpoint, TrainHistory
 from tasks.shard import shard_dataset
 from tasks.storage import Store
 from tasks.train import train
@@ -38,16 +39,18 @@ CFG = {
 
 
 def _train_workers() -> list[int]:
-    pids = []
+    """The Ray Train worker processes (not their data-loading children, which share the name)."""
+    named = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmd = (entry / "cmdline").read_bytes()
+                stat = (entry / "stat").read_text()
             except OSError:
                 continue
             if b"RayTrainWorker" in cmd:
-                pids.append(int(entry.name))
-    return sorted(pids)
+                named[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return sorted(pid for pid, parent in named.items() if parent not in named)
 
 
 def _state(store: Store, run_id: str) -> dict:
@@ -98,3 +101,11 @@ def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(tmp_path, ray_c
     ):
         assert torch.equal(sa["exp_avg"], sb["exp_avg"])
         assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+
+    # The lost attempt's windows were replaced: the history is the uninterrupted run's, loss for loss.
+    def losses(run_id: str) -> list[tuple[int, float]]:
+        return [
+            (w.step, w.loss) for w in TrainHistory.read(store, layout.train_history(run_id)).windows
+        ]
+
+    assert losses("killed") == losses("straight") and len(losses("straight")) == 10

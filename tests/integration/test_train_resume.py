@@ -11,17 +11,19 @@ import torch
 from diffusion_core.checkpoint import load_checkpoint
 from tasks import layout
 from tasks.config import ModelConfig, PipelineConfig, StorageConfig
-from tasks.records import Checkpoint, DatasetManifest, ShardInfo
+from tasks.records import Checkpoint, DatasetManifest, ShardInfo, TrainHistory
 from tasks.shard import shard_dataset
 from tasks.storage import Store
 from tasks.train import train
-from tasks.train_loop import (
-    DivergedError,
-    TrainJob,
-    run_training,
+from tasks.train_data import (
+    RankBatches,
+    hflip_mask,
+    load_batches,
     shards_for_rank,
     stream_samples,
 )
+from tasks.train_log import SCALARS
+from tasks.train_loop import DivergedError, TrainJob, run_training
 
 SMALL = {
     "data": {"max_images": 120, "samples_per_shard": 32},
@@ -98,6 +100,97 @@ def test_resume_is_exact(sharded):
     # old checkpoints are pruned to keep_checkpoints, latest stays
     kept = [k for k in store.list(layout.checkpoints_prefix("straight")) if k.endswith(".pt")]
     assert kept[-1].endswith("step-00000006.pt") and len(kept) <= 3
+
+    # The history spans both attempts and matches the straight run's window for window.
+    straight, resumed = _history(store, "straight"), _history(store, "resumed")
+    assert [(w.step, w.loss, w.lr) for w in resumed] == [(w.step, w.loss, w.lr) for w in straight]
+    assert [w.step for w in straight] == [3, 6]
+    for w in straight:
+        assert 0 <= w.data_wait <= 1 and w.images_per_s > 0 and w.seconds > 0
+        assert w.grad_norm is not None and w.grad_norm > 0
+    # TensorBoard shows the same numbers, from the event files in the store.
+    assert _tensorboard(store, "resumed") == {
+        tag: [(w.step, pytest.approx(getattr(w, field), rel=1e-6)) for w in resumed]
+        for field, tag in SCALARS.items()
+    }
+
+
+def test_a_rewound_run_replaces_the_lost_windows(sharded):
+    """Pointing latest.json back at an earlier checkpoint (README: a damaged checkpoint) makes the
+    windows after it a lost attempt: the history and TensorBoard show only the new ones."""
+    store, manifest = sharded
+    run_training(_job(store, manifest, 4, "rewound", log_every=1))
+    lost = {w.step: w for w in _history(store, "rewound")}
+    earlier = layout.checkpoint("rewound", 3)
+    Checkpoint.latest(store, "rewound").model_copy(  # type: ignore[union-attr]
+        update={"step": 3, "key": earlier, "sha256": store.sha256(earlier)}
+    ).write(store, layout.latest_checkpoint("rewound"))
+    run_training(_job(store, manifest, 4, "rewound", log_every=1, lr=1e-2))  # another lr
+    history = _history(store, "rewound")
+    assert [w.step for w in history] == [1, 2, 3, 4]
+    assert history[:3] == [lost[1], lost[2], lost[3]]
+    assert history[3].lr == 1e-2 and lost[4].lr != 1e-2
+    assert _tensorboard(store, "rewound")["train/lr"] == [
+        (w.step, pytest.approx(w.lr, rel=1e-6)) for w in history
+    ]
+
+
+def _history(store: Store, run_id: str) -> list:
+    return TrainHistory.read(store, layout.train_history(run_id)).windows
+
+
+def _tensorboard(store: Store, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the run as TensorBoard reads its folder: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = store.list(layout.tensorboard_prefix(run_id))
+    assert files and all(".tfevents." in k for k in files)
+    events = EventAccumulator(store.path(layout.tensorboard_prefix(run_id)))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
+def test_batches_are_the_same_whatever_the_data_workers_and_start(sharded):
+    """Batch i depends on (seed, rank, step) only: not on the number of background data workers
+    nor on where the stream (re)started; flips mirror exactly the images their mask names."""
+    store, manifest = sharded
+
+    def batches(start: int, workers: int, hflip: bool, n: int) -> list:
+        dataset = RankBatches(
+            storage=store.config,
+            shards=manifest.split("train").shards,
+            rank=1,
+            world_size=2,
+            seed=5,
+            shuffle_buffer=16,
+            batch_size=8,
+            channels=manifest.channels,
+            start_step=start,
+            hflip=hflip,
+        )
+        stream = load_batches(dataset, workers, torch.device("cpu"))
+        out = [next(stream) for _ in range(n)]
+        stream.close()
+        return out
+
+    inline = batches(0, 0, True, 9)  # crosses an epoch (54 images per rank)
+    for got in (batches(0, 2, True, 9), batches(4, 3, True, 5)[:5]):
+        expected = inline[-len(got) :]
+        assert all(
+            torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            for a, b in zip(got, expected, strict=True)
+        )
+    plain = batches(0, 0, False, 9)
+    flipped = 0
+    for step, ((images, labels), (raw, raw_labels)) in enumerate(zip(inline, plain, strict=True)):
+        mask = torch.from_numpy(hflip_mask(5, 1, step, 8))
+        assert torch.equal(labels, raw_labels)
+        assert torch.equal(images[mask], raw[mask].flip(-1))
+        assert torch.equal(images[~mask], raw[~mask])
+        flipped += int(mask.sum())
+    assert 0 < flipped < 72
 
 
 def test_training_changes_weights_and_nothing_to_do_when_done(sharded):
