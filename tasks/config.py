@@ -122,6 +122,11 @@ class DataConfig(_Frozen):
         default=None, ge=2, description="cap the source size (quick runs)"
     )
     seed: int = 0
+    hflip: bool = Field(
+        default=False,
+        description="training: mirror each image left-right with probability 1/2, seeded by "
+        "(train.seed, rank, step); off for digits and text",
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -179,6 +184,17 @@ class TrainConfig(_Frozen):
         default=2,
         ge=-1,
         description="restarts of the worker group after a worker error or a lost node (spot preemption, OOM); each resumes from the last checkpoint; -1 = unlimited",
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="where Ray puts the workers: PACK (fewest nodes), SPREAD (as many nodes as "
+        "it can), STRICT_SPREAD (each on its own node)",
+    )
+    data_workers: int = Field(
+        default=1,
+        ge=0,
+        description="background processes per worker that read, decode, flip and batch its "
+        "data; 0 = on the training thread",
     )
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
