@@ -38,13 +38,13 @@ def _latest_checkpoint(cfg: PipelineConfig) -> Checkpoint:
 @flow(name="shard")
 def shard_flow(config_path: str | None = None, overrides: list[str] | None = None) -> ShardResult:
     cfg = _load(config_path, overrides)
-    return shard_task(cfg.data, cfg.storage)
+    return shard_task(cfg.data, cfg.storage, cfg.ray)
 
 
 @flow(name="train")
 def train_flow(config_path: str | None = None, overrides: list[str] | None = None) -> TrainResult:
     cfg = _load(config_path, overrides)
-    return train_task(cfg, shard_task(cfg.data, cfg.storage).manifest)
+    return train_task(cfg, shard_task(cfg.data, cfg.storage, cfg.ray).manifest)
 
 
 @flow(name="sample")
@@ -63,7 +63,7 @@ def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = 
             f"run {cfg.train.run_id!r} has no complete sample set for step {checkpoint.step} with "
             "these sample.* settings; run `diffpipe sample` with the same settings first"
         )
-    dataset = shard_task(cfg.data, cfg.storage).manifest
+    dataset = shard_task(cfg.data, cfg.storage, cfg.ray).manifest
     return evaluate_task(cfg.evaluate, cfg.ray, cfg.storage, dataset, samples)
 
 
@@ -73,7 +73,7 @@ def nightly(config_path: str | None = None, overrides: list[str] | None = None) 
     logger = get_run_logger()
     cfg = _load(config_path, overrides)
     logger.info("storage %s, run %s", cfg.storage.root, cfg.train.run_id)
-    sharded = shard_task(cfg.data, cfg.storage)
+    sharded = shard_task(cfg.data, cfg.storage, cfg.ray)
     trained = train_task(cfg, sharded.manifest, nightly=True)
     samples = sample_task(cfg.sample, cfg.ray, cfg.storage, trained.checkpoint)
     evaluation = evaluate_task(cfg.evaluate, cfg.ray, cfg.storage, sharded.manifest, samples)

@@ -63,8 +63,8 @@ def _stage(name: str) -> Callable[[Callable[P, R]], Task[P, R]]:
 
 
 @_stage("shard")
-def shard_task(data: DataConfig, storage: StorageConfig) -> ShardResult:
-    return shard_dataset(data, open_store(storage))
+def shard_task(data: DataConfig, storage: StorageConfig, ray: RayConfig) -> ShardResult:
+    return shard_dataset(data, open_store(storage), ray)
 
 
 @_stage("train")

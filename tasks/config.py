@@ -27,7 +27,7 @@ from pydantic import (
 
 from tasks import layout
 
-DATASET_CHOICES = "digits, mnist, fashion-mnist, cifar10, imagefolder:PATH"
+DATASET_CHOICES = "digits, mnist, fashion-mnist, cifar10, imagefolder:PATH|URL"
 _NAMED_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -116,16 +116,45 @@ class DataConfig(_Frozen):
         le=1024,
         description="resize to this square size; None keeps the native size",
     )
-    holdout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    samples_per_shard: int = Field(default=512, ge=1)
+    channels: Literal[1, 3] | None = Field(
+        default=None,
+        description="1 = grayscale, 3 = RGB shards; None = the source's own (imagefolder: RGB)",
+    )
+    holdout_fraction: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=1.0,
+        description="share of images in the holdout split, chosen by a hash of each image's key",
+    )
+    samples_per_shard: int = Field(
+        default=512,
+        ge=1,
+        description="mean images per shard (shard boundaries depend on the images' keys, so "
+        "between samples_per_shard/2 and 4 x samples_per_shard)",
+    )
     max_images: int | None = Field(
         default=None, ge=2, description="cap the source size (quick runs)"
     )
-    seed: int = 0
+    seed: int = Field(default=0, description="salts the train/holdout hash")
     hflip: bool = Field(
         default=False,
         description="training: mirror each image left-right with probability 1/2, seeded by "
         "(train.seed, rank, step); off for digits and text",
+    )
+    on_bad_file: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="an unreadable or invalid image: fail naming the file, or skip it (counted, "
+        "and listed in the manifest with the reason)",
+    )
+    on_empty_class: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="an imagefolder class folder without images: fail, or skip it (it is no class)",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=0,
+        description="shard tasks at once on Ray; 0 = write in this process; None = imagefolder "
+        "sources on every CPU of the Ray cluster, the in-memory datasets in this process",
     )
 
     @field_validator("dataset")
@@ -134,6 +163,13 @@ class DataConfig(_Frozen):
         if v in _NAMED_DATASETS:
             return v
         if v.startswith("imagefolder:") and len(v) > len("imagefolder:"):
+            url = v.split(":", 1)[1]
+            scheme = url.split("://", 1)[0] if "://" in url else "file"
+            if scheme not in ("file", "s3"):
+                raise ValueError(
+                    f"dataset {v!r}: unsupported scheme {scheme!r}; use imagefolder:PATH, "
+                    "imagefolder:file:///abs/path or imagefolder:s3://bucket/prefix"
+                )
             return v
         raise ValueError(f"dataset {v!r} unknown; choose one of: {DATASET_CHOICES}")
 

@@ -1,23 +1,21 @@
-"""Image sources: the built-in `digits` set (ships with scikit-learn, no network), MNIST / Fashion-MNIST /
-CIFAR-10 from a local root in torchvision's layout, and `imagefolder:PATH` (one subfolder per class).
+"""In-memory image sources: the built-in `digits` set (ships with scikit-learn, no network), and MNIST /
+Fashion-MNIST / CIFAR-10 from a local root in torchvision's layout.
 
 Each loader returns the whole source as uint8 [N, C, H, W] plus int labels; sharding cuts it up.
+These datasets are bounded (at most 70,000 small images); `imagefolder:` sources of any size are
+streamed file by file instead (`tasks.sources`).
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from tasks.config import DATASET_CHOICES, DataConfig
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+from tasks.config import DATASET_CHOICES, DataConfig, StorageConfig
 
 
 @dataclass(frozen=True)
@@ -26,14 +24,6 @@ class Source:
     images: np.ndarray  # uint8 [N, C, H, W]
     labels: np.ndarray  # int64 [N]
     class_names: list[str]
-
-    def fingerprint(self) -> str:
-        """sha256 of the decoded pixels, labels and class names: changes iff the content does."""
-        h = hashlib.sha256()
-        h.update(f"{self.name}|{self.images.shape}|{','.join(self.class_names)}|".encode())
-        h.update(np.ascontiguousarray(self.images).tobytes())
-        h.update(self.labels.astype(np.int64).tobytes())
-        return h.hexdigest()
 
 
 def _digits() -> Source:
@@ -111,9 +101,11 @@ def check_source(cfg: DataConfig) -> None:
         if not folder.is_dir() and not cfg.download:
             raise FileNotFoundError(f"dataset 'cifar10': {folder} is not a directory")
     elif name.startswith("imagefolder:"):
-        root = Path(name.split(":", 1)[1]).expanduser()
-        if not root.is_dir():
-            raise FileNotFoundError(f"imagefolder {str(root)!r} is not a directory")
+        spec = name.split(":", 1)[1]
+        if not spec.startswith("s3://"):  # an S3 source is checked with the store's settings
+            from tasks.sources import file_source
+
+            file_source(spec, StorageConfig())
 
 
 def _mnist_like(name: str, folder_name: str, cfg: DataConfig, class_names: list[str]) -> Source:
@@ -157,47 +149,6 @@ def _cifar10(cfg: DataConfig) -> Source:
     )
 
 
-def _imagefolder(path: str, cfg: DataConfig) -> Source:
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"imagefolder {str(root)!r} is not a directory")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise ValueError(
-            f"imagefolder {str(root)!r} has no class subfolders; put images in {root}/<class>/*.png"
-        )
-    images, labels = [], []
-    for label, cdir in enumerate(class_dirs):
-        for f in sorted(cdir.rglob("*")):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(f) as opened:
-                    rgb = opened.convert("RGB")
-                if cfg.image_size is not None:
-                    rgb = rgb.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
-                images.append(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))
-            except OSError as err:
-                raise ValueError(
-                    f"imagefolder: cannot decode {f}: {err}; remove or fix the file"
-                ) from None
-            labels.append(label)
-    if not images:
-        raise ValueError(f"imagefolder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    shapes = {im.shape for im in images}
-    if len(shapes) > 1:
-        raise ValueError(
-            f"imagefolder {str(root)!r} has images of several sizes {sorted(shapes)[:3]}...; set data.image_size"
-        )
-    # The name becomes part of a storage key: characters other than letters, digits, '.', '_', '-'
-    # become '-'.
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", root.name).strip("-.") or "root"
-    name = f"imagefolder-{slug}"
-    return Source(
-        name, np.stack(images), np.asarray(labels, dtype=np.int64), [d.name for d in class_dirs]
-    )
-
-
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
@@ -211,7 +162,8 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def load_source(cfg: DataConfig) -> Source:
-    """The configured dataset, resized and capped as configured."""
+    """The configured in-memory dataset, resized, capped and converted to `data.channels` as
+    configured."""
     name = cfg.dataset
     if name == "digits":
         src = _digits()
@@ -233,15 +185,18 @@ def load_source(cfg: DataConfig) -> Source:
         src = _mnist_like("fashion-mnist", "FashionMNIST", cfg, names)
     elif name == "cifar10":
         src = _cifar10(cfg)
-    elif name.startswith("imagefolder:"):
-        src = _imagefolder(name.split(":", 1)[1], cfg)
-    else:  # the config validator already refuses this
+    else:  # the config validator already refuses this; imagefolder: is tasks.sources'
         raise ValueError(f"dataset {name!r} unknown; choose one of: {DATASET_CHOICES}")
     images, labels = src.images, src.labels
     if cfg.max_images is not None and len(images) > cfg.max_images:
         images, labels = images[: cfg.max_images], labels[: cfg.max_images]
     if cfg.image_size is not None:
         images = _resize(images, cfg.image_size)
+    if cfg.channels == 3 and images.shape[1] == 1:
+        images = np.repeat(images, 3, axis=1)
+    elif cfg.channels == 1 and images.shape[1] == 3:  # ITU-R 601-2 luma, as PIL's convert("L")
+        rgb = [Image.fromarray(im.transpose(1, 2, 0)).convert("L") for im in images]
+        images = np.stack([np.asarray(im, dtype=np.uint8)[None] for im in rgb])
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(
             f"dataset {name!r} has non-square images {images.shape[-2:]}; set data.image_size"

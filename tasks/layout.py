@@ -5,7 +5,7 @@ a dataset name, a model name, a fingerprint) is checked by `part`, so no configu
 value can climb out of its folder (`../`) or split into sub-folders. The README's "Artifact
 layout" section is tested against these functions (tests/unit/test_layout.py).
 
-    datasets/<name>-<fp12>/{train,holdout}-000000.tar ... manifest.json
+    datasets/<name>-<set12>/{train,holdout}-<chunk16>.tar ... manifest.json
     runs/<run_id>/config.json
     runs/<run_id>/checkpoints/step-00000600.pt  latest.json
     runs/<run_id>/samples/<set>/weights.pt  shard-000000.tar  shard-000000.json  manifest.json
@@ -50,16 +50,19 @@ def _step(step: int) -> str:
 
 
 # -- datasets ------------------------------------------------------------------------------------
-def dataset_prefix(name: str, fingerprint: str) -> str:
-    return f"datasets/{part(name, 'dataset name')}-{part(fingerprint, 'fingerprint')[:12]}"
+def dataset_prefix(name: str, shard_set: str) -> str:
+    """The folder every version of a source shares (`shard_set`: source + shard settings)."""
+    return f"datasets/{part(name, 'dataset name')}-{part(shard_set, 'shard set')[:12]}"
 
 
 def dataset_manifest(prefix: str) -> str:
     return f"{prefix}/manifest.json"
 
 
-def dataset_shard(prefix: str, split: Split, n: int) -> str:
-    return f"{prefix}/{split}-{_index(n)}.tar"
+def dataset_shard(prefix: str, split: Split, chunk: str) -> str:
+    """Named by its listing chunk's hash, not a position: growing the source adds shards beside
+    the kept ones instead of renumbering them."""
+    return f"{prefix}/{split}-{part(chunk, 'chunk id')[:16]}.tar"
 
 
 # -- runs: config, checkpoints -------------------------------------------------------------------

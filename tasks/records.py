@@ -84,12 +84,14 @@ class Record(_Model):
 
 # -- shard ---------------------------------------------------------------------------------------
 class ShardInfo(_Model):
-    """One WebDataset .tar object: its key, sample count, sha256 and size in bytes."""
+    """One WebDataset .tar object: its key, sample count, sha256 and size in bytes; a dataset
+    shard also names the listing chunk it was written from (`tasks.shard.chunk_id`)."""
 
     key: str
     count: int
     sha256: str
     bytes: int
+    chunk: str | None = None
 
 
 class SplitInfo(_Model):
@@ -97,11 +99,27 @@ class SplitInfo(_Model):
     shards: list[ShardInfo]
 
 
-class DatasetManifest(Record):
-    """A complete shard set (written last, after every shard)."""
+class SkippedFile(_Model):
+    """A source file the shard stage left out (`data.on_bad_file=skip`, `on_empty_class=skip`)."""
 
-    format: Literal["diffusion-pipeline/dataset@1"] = "diffusion-pipeline/dataset@1"
+    path: str  # relative to the source (a class folder ends with '/')
+    reason: str
+    chunk: str | None = None  # the listing chunk it belonged to (None: a skipped class folder)
+
+
+class DatasetManifest(Record):
+    """A complete shard set (written last, after every shard).
+
+    `shard_set` names the folder: a hash of the source and of the settings that shape the shards,
+    the same for every version of a growing source, so a rerun keeps the shards of unchanged
+    chunks in place. `fingerprint` covers every shard's chunk and sha256 (and the settings):
+    it changes iff the shards' content does. `source_fingerprint` covers the listing (keys,
+    labels, sizes, etags or mtimes)."""
+
+    format: Literal["diffusion-pipeline/dataset@2"] = "diffusion-pipeline/dataset@2"
     dataset: str
+    source: str  # where the images were read from (a URL, or the built-in dataset's name)
+    shard_set: str
     fingerprint: str
     source_fingerprint: str
     image_size: int
@@ -109,12 +127,13 @@ class DatasetManifest(Record):
     num_classes: int
     class_names: list[str]
     splits: dict[layout.Split, SplitInfo]
+    skipped: list[SkippedFile] = []
     config: DataConfig
     created: str
 
     @property
     def prefix(self) -> str:
-        return layout.dataset_prefix(self.dataset, self.fingerprint)
+        return layout.dataset_prefix(self.dataset, self.shard_set)
 
     @property
     def key(self) -> str:
@@ -127,10 +146,13 @@ class DatasetManifest(Record):
 
 
 class ShardResult(_Model):
-    """The shard stage's hand-off: the manifest, and whether an identical earlier set was reused."""
+    """The shard stage's hand-off: the manifest, whether an identical earlier set was reused, and
+    how many shards this run wrote and kept from earlier runs (unchanged chunks)."""
 
     manifest: DatasetManifest
     reused: bool
+    written: int = 0
+    kept: int = 0
 
 
 # -- train ---------------------------------------------------------------------------------------

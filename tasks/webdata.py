@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -75,27 +74,55 @@ def decode_png(data: bytes, channels: int) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
+_BLOCK = 512
+
+
+def _tar_header(name: str, size: int) -> bytes:
+    """The header of one regular tar member: mode 0444, owner 0/0, mtime 0, so the same samples
+    make the same bytes (a rewrite keeps its sha256). A plain ustar header when the name fits
+    (no extended header for a float mtime, as tarfile writes for webdataset's TarWriter: half
+    the bytes per member); tarfile's own for long or non-ASCII names."""
+    encoded = name.encode()
+    if len(encoded) > 100 or not name.isascii():
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o444
+        return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    header = bytearray(_BLOCK)
+    header[: len(encoded)] = encoded
+    header[100:148] = b"0000444\0" b"0000000\0" b"0000000\0" + b"%011o\0" % size + b"00000000000\0"
+    header[148:156] = b" " * 8  # the checksum counts its own field as spaces
+    header[156:157] = b"0"  # a regular file
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
 def write_shard(store: Store, key: str, samples: Iterable[RawSample]) -> ShardInfo:
-    """Write one .tar shard atomically; each sample is {"__key__": str, "png": bytes, "cls": int, "json": dict}."""
+    """Write one .tar shard atomically, streaming; each sample is {"__key__": str, "png": bytes,
+    "cls": int, "json": dict}. Members are written in sorted order per sample, as webdataset's
+    TarWriter does; webdataset's readers (and any tar) read them."""
     count = 0
     with store.open_atomic(key) as f:
-        hashing = _HashingWriter(f)
-        # A fixed mtime: the same samples make the same bytes (a rewrite keeps its sha256).
-        with wds.TarWriter(hashing, compress=False, mtime=0.0) as sink:
-            for sample in samples:
-                extra = set(sample) - ALLOWED_MEMBERS - {"__key__"}
-                if extra:
-                    raise ValueError(
-                        f"sample {sample.get('__key__')!r} has members {sorted(extra)}; allowed: {sorted(ALLOWED_MEMBERS)}"
-                    )
-                record: RawSample = {"__key__": sample["__key__"], "png": sample["png"]}
-                if "cls" in sample:
-                    record["cls"] = str(int(sample["cls"])).encode()
-                if "json" in sample:
-                    record["json"] = json.dumps(sample["json"], sort_keys=True).encode()
-                sink.write(record)
-                count += 1
-    return ShardInfo(key=key, count=count, sha256=hashing.hash.hexdigest(), bytes=hashing.size)
+        out = _HashingWriter(f)
+        for sample in samples:
+            extra = set(sample) - ALLOWED_MEMBERS - {"__key__"}
+            if extra:
+                raise ValueError(
+                    f"sample {sample.get('__key__')!r} has members {sorted(extra)}; allowed: {sorted(ALLOWED_MEMBERS)}"
+                )
+            members = {"png": sample["png"]}
+            if "cls" in sample:
+                members["cls"] = str(int(sample["cls"])).encode()
+            if "json" in sample:
+                members["json"] = json.dumps(sample["json"], sort_keys=True).encode()
+            for ext in sorted(members):
+                data = members[ext]
+                out.write(_tar_header(f"{sample['__key__']}.{ext}", len(data)))
+                out.write(data)
+                out.write(bytes(-len(data) % _BLOCK))
+            count += 1
+        out.write(bytes(2 * _BLOCK))  # the end-of-archive marker
+    return ShardInfo(key=key, count=count, sha256=out.hash.hexdigest(), bytes=out.size)
 
 
 class ShardReadError(ValueError):

@@ -117,9 +117,13 @@ def _write_dataset(store: Store, images: np.ndarray) -> DatasetManifest:
             {"__key__": f"{i}-{j:06d}", "png": encode_png(img[0]), "cls": 0}
             for j, img in enumerate(part)
         )
-        shards.append(write_shard(store, layout.dataset_shard(prefix, "holdout", i), samples))
+        shards.append(
+            write_shard(store, layout.dataset_shard(prefix, "holdout", f"{i:016x}"), samples)
+        )
     manifest = DatasetManifest(
         dataset="mnist",
+        source="mnist",
+        shard_set=FINGERPRINT,
         fingerprint=FINGERPRINT,
         source_fingerprint="0" * 64,
         image_size=28,

@@ -84,8 +84,8 @@ def _layout_keys() -> tuple[list[str], set[str]]:
     samples, evals = L["sample_set_prefix"](run, sset), L["eval_prefix"](run, sset)
     nightly = L["nightly_prefix"](run, "20261125T020000Z")
     keys = [
-        L["dataset_shard"](ds, "train", 0),
-        L["dataset_shard"](ds, "holdout", 0),
+        L["dataset_shard"](ds, "train", "0123456789abcdef0123"),
+        L["dataset_shard"](ds, "holdout", "fedcba9876543210fedc"),
         L["dataset_manifest"](ds),
         L["run_config"](run),
         L["checkpoint"](run, step),
