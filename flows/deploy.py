@@ -1,13 +1,24 @@
-"""The nightly deployment: `diffpipe serve` registers `nightly/nightly` with a cron schedule on the
-Prefect API ($PREFECT_API_URL) and executes its runs, e.g. those started by
-`prefect deployment run nightly/nightly`. For work pools and workers see infra/prefect.yaml."""
+"""The nightly deployment.
+
+`diffpipe serve` registers `nightly/nightly` with a cron schedule on the Prefect API
+($PREFECT_API_URL) and executes its runs itself. With a work pool and workers instead, the
+deployment is infra/prefect.yaml, and `python -m flows.deploy automation` prepares the automation
+that notifies on a failed nightly (infra/prefect-automation.yaml) for `prefect automation create`.
+"""
 
 from __future__ import annotations
 
-from flows.nightly import nightly
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC every night
 DEPLOYMENT_NAME = "nightly"
+AUTOMATION_FILE = Path(__file__).resolve().parents[1] / "infra" / "prefect-automation.yaml"
+NOTIFY_PLACEHOLDER = "NOTIFY_BLOCK_ID"
 
 
 def serve_nightly(
@@ -18,6 +29,8 @@ def serve_nightly(
     name: str = DEPLOYMENT_NAME,
     limit: int | None = None,
 ) -> None:
+    from flows.nightly import nightly  # the flow's imports (torch, Ray) only where it is served
+
     nightly.serve(
         name=name,
         cron=cron,
@@ -26,3 +39,76 @@ def serve_nightly(
         tags=["diffusion", "nightly"],
         limit=limit,
     )
+
+
+def _notification_block_id(notify: str) -> str:
+    """The id of the notification block `notify` ("<block type slug>/<block name>", e.g.
+    "slack-webhook/nightly-alerts") on the Prefect API."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    block_type, sep, block_name = notify.partition("/")
+    if not sep or not block_type or not block_name:
+        raise ValueError(
+            f"--notify {notify!r}: give the notification block as <block type slug>/<block name>, "
+            "e.g. slack-webhook/nightly-alerts (`prefect block ls` lists them)"
+        )
+    with get_client(sync_client=True) as client:
+        try:
+            block = client.read_block_document_by_name(
+                block_name, block_type, include_secrets=False
+            )
+        except ObjectNotFound:
+            raise ValueError(
+                f"no notification block {notify!r} on the Prefect API at "
+                f"{PREFECT_API_URL.value() or '(ephemeral)'}: create it first (Prefect's UI: "
+                "Blocks, or e.g. `SlackWebhook(url=...).save('nightly-alerts')`), or check "
+                "`prefect block ls`"
+            ) from None
+    return str(block.id)
+
+
+def automation_spec(notify: str, path: Path = AUTOMATION_FILE) -> dict[str, Any]:
+    """The automation in `path` with its notification actions sent through the block `notify`,
+    checked against Prefect's automation schema."""
+    from prefect.events.schemas.automations import AutomationCore
+
+    spec: dict[str, Any] = yaml.safe_load(path.read_text())
+    block_id = _notification_block_id(notify)
+    for action in spec.get("actions", []):
+        if action.get("block_document_id") == NOTIFY_PLACEHOLDER:
+            action["block_document_id"] = block_id
+    AutomationCore.model_validate(spec)
+    return spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.deploy",
+        description="Prepare the Prefect objects of the nightly deployment.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    auto = sub.add_parser(
+        "automation",
+        help="print the failed-nightly automation, ready for `prefect automation create --from-file`",
+    )
+    auto.add_argument(
+        "--notify",
+        required=True,
+        metavar="TYPE/NAME",
+        help="the notification block to send through, e.g. slack-webhook/nightly-alerts",
+    )
+    auto.add_argument("--file", type=Path, default=AUTOMATION_FILE, help="the automation YAML")
+    args = parser.parse_args(argv)
+    try:
+        spec = automation_spec(args.notify, args.file)
+    except (OSError, ValueError) as err:
+        print(f"python -m flows.deploy automation: {err}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(spec, sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

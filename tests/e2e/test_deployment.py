@@ -1,46 +1,94 @@
-"""The nightly deployment end to end: a real Prefect server started here, `diffpipe serve`
-registering the cron deployment, and `prefect deployment run nightly/nightly --watch` driving a
-flow run to Completed, as an operator would."""
+"""The nightly deployment as an operator runs it (README: Nightly deployment): a real Prefect server,
+the deployment of infra/prefect.yaml on a process work pool served by a real `prefect worker`, a
+run with a parameter override driven to Completed, and the failed-nightly automation of
+infra/prefect-automation.yaml created on the server and seen to notify (a custom-webhook block
+posting to a listener here) when a nightly fails at a later stage, which leaves the champion byte
+for byte as it was. `diffpipe serve` registering its own deployment on the same server is checked
+on the side."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import queue
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, free_port
 from tests.e2e.test_nightly_s3 import TINY
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
+PREFECT_YAML = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+POOL = PREFECT_YAML["deployments"][0]["work_pool"]["name"]
 
 
-def _exe(name: str) -> str:
-    return shutil.which(name, path=str(BIN)) or name
+def _api(url: str, method: str = "GET", body: Any = None) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
+        text = r.read()
+    return json.loads(text) if text else None
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90) -> None:
+def _wait_healthy(api: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}")
+        assert proc.poll() is None, f"prefect server exited with {proc.returncode}"
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
+            _api(f"{api}/health")
+            return
         except OSError:
             time.sleep(0.5)
-    raise TimeoutError(f"Prefect server at {url} not healthy after {timeout}s")
+    raise TimeoutError(f"Prefect server at {api} not healthy after {timeout}s")
 
 
-def test_deployment_run_completes(tmp_path):
+class _Webhook(ThreadingHTTPServer):
+    """Where the notification block posts: each request body lands in `received`."""
+
+    def __init__(self) -> None:
+        self.received: queue.Queue[dict[str, Any]] = queue.Queue()
+        received = self.received
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                received.put(json.loads(body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/notify"
+
+
+@pytest.fixture
+def webhook() -> Iterator[_Webhook]:
+    server = _Webhook()
+    yield server
+    server.shutdown()
+
+
+def test_nightly_deployment_on_a_work_pool(tmp_path, webhook):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -49,71 +97,155 @@ def test_deployment_run_completes(tmp_path):
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick the run up at once, not within 10 s
     }
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "DIFFPIPE_HOME"):
+        env.pop(name, None)
     logs = tmp_path / "logs"
     logs.mkdir()
-    server = subprocess.Popen(
-        [_exe("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=open(logs / "server.log", "w"),  # noqa: SIM115 (lives as long as the process)
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
-    serve = None
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *argv: str, **kw: Any) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdout=open(logs / f"{name}.log", "w"),  # noqa: SIM115 (lives as long as the process)
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own group: ended with everything it started
+            **kw,
+        )
+        procs.append(proc)
+        return proc
+
+    def run(*argv: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv, env=kw.pop("env", env), capture_output=True, text=True, timeout=timeout, **kw
+        )
+
+    def tail(*names: str) -> str:
+        return "\n".join(f"--- {n}\n" + (logs / f"{n}.log").read_text()[-4000:] for n in names)
+
+    prefect = str(BIN / "prefect")
+    server = start("server", prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port))
     try:
         _wait_healthy(api, server)
+        # -- what the README's Nightly deployment section runs, in the same order --
+        created = run(prefect, "work-pool", "create", POOL, "--type", "process")
+        assert created.returncode == 0, created.stdout + created.stderr
+        deployed = run(
+            prefect,
+            "deploy",
+            "--prefect-file",
+            "infra/prefect.yaml",
+            "--all",
+            cwd=REPO,
+            env={**env, "DIFFPIPE_HOME": str(REPO)},
+        )
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        # The worker runs elsewhere: the pull step, not its working directory, finds the code.
+        start("worker", prefect, "worker", "start", "--pool", POOL, cwd=tmp_path)
+        # `diffpipe serve` (the deployment without a work pool) registers on the same server.
+        start("serve", str(BIN / "diffpipe"), "serve", "--name", "serve-check", cwd=REPO)
+
+        deployment = _api(f"{api}/deployments/name/nightly/nightly")
+        assert deployment["work_pool_name"] == POOL
+        assert deployment["pull_steps"] == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+        ]
+        (schedule,) = deployment["schedules"]
+        assert schedule["schedule"]["cron"] == "0 2 * * *"
+        assert schedule["schedule"]["timezone"] == "UTC"
+        # No 02:00 run during the test: it would use the cluster config.
+        _api(
+            f"{api}/deployments/{deployment['id']}/schedules/{schedule['id']}",
+            "PATCH",
+            {"active": False},
+        )
+
+        # The failed-nightly automation, notifying through a block that posts to `webhook`.
+        from prefect.blocks.notifications import CustomWebhookNotificationBlock
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: api}):
+            CustomWebhookNotificationBlock(
+                name="nightly-alerts",
+                url=webhook.url,
+                json_data={"subject": "{{subject}}", "body": "{{body}}"},
+            ).save("nightly-alerts")
+        automation_file = tmp_path / "nightly-failed.yaml"
+        rendered = run(
+            sys.executable,
+            "-m",
+            "flows.deploy",
+            "automation",
+            "--notify",
+            "custom-webhook/nightly-alerts",
+            cwd=REPO,
+        )
+        assert rendered.returncode == 0, rendered.stderr
+        automation_file.write_text(rendered.stdout)
+        made = run(prefect, "automation", "create", "--from-file", str(automation_file))
+        assert made.returncode == 0, made.stdout + made.stderr
+        automations = _api(f"{api}/automations/filter", "POST", {})
+        assert [a["name"] for a in automations] == ["diffusion-pipeline nightly failed"]
+
+        # -- a run with a parameter override: the tiny config, a store under tmp --
         store = tmp_path / "artifacts"
         overrides = [f"storage.root={store}", *TINY, "train.num_workers=1", "ray.num_cpus=2"]
-        serve = subprocess.Popen(
-            [_exe("diffpipe"), "serve", *overrides],
-            env=env,
-            cwd=REPO,
-            stdout=open(logs / "serve.log", "w"),  # noqa: SIM115 (lives as long as the process)
-            stderr=subprocess.STDOUT,
-        )
-        # wait until the deployment is registered
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            ls = subprocess.run(
-                [_exe("prefect"), "deployment", "ls"], env=env, capture_output=True, text=True
-            )
-            if "nightly/nightly" in ls.stdout:
-                break
-            assert serve.poll() is None, (logs / "serve.log").read_text()[-3000:]
-            time.sleep(1)
-        else:
-            pytest.fail(
-                "deployment nightly/nightly never registered:\n"
-                + (logs / "serve.log").read_text()[-3000:]
-            )
-
-        inspect = subprocess.run(
-            [_exe("prefect"), "deployment", "inspect", "nightly/nightly"],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        assert "0 2 * * *" in inspect.stdout  # the nightly cron schedule
-
-        run = subprocess.run(
-            [_exe("prefect"), "deployment", "run", "nightly/nightly", "--watch"],
-            env=env,
-            capture_output=True,
-            text=True,
+        params = json.dumps({"config_path": None, "overrides": overrides})
+        done = run(
+            prefect,
+            "deployment",
+            "run",
+            "nightly/nightly",
+            "--params",
+            params,
+            "--watch",
             timeout=600,
         )
-        detail = run.stdout[-3000:] + run.stderr[-3000:] + (logs / "serve.log").read_text()[-5000:]
-        assert run.returncode == 0, detail
-        assert "Completed" in run.stdout, detail
+        detail = done.stdout[-3000:] + done.stderr[-3000:] + tail("worker")
+        assert done.returncode == 0 and "Completed" in done.stdout, detail
         latest = json.loads((store / "runs" / "nightly" / "nightly" / "latest.json").read_text())
         assert latest["step"] == 20 and (store / latest["report_key"]).is_file()
+        champion = store / "models" / "default" / "current.json"
+        before = champion.read_bytes()
+
+        # -- a nightly that fails after sharding: training asks for a GPU, which Ray here lacks --
+        failing = [*overrides, "train.use_gpu=true"]
+        failed = run(
+            prefect,
+            "deployment",
+            "run",
+            "nightly/nightly",
+            "--params",
+            json.dumps({"config_path": None, "overrides": failing}),
+            "--watch",
+            timeout=300,
+        )
+        detail = failed.stdout[-3000:] + failed.stderr[-3000:] + tail("worker")
+        assert failed.returncode != 0 and "Failed" in failed.stdout, detail
+        (last,) = _api(
+            f"{api}/flow_runs/filter", "POST", {"sort": "EXPECTED_START_TIME_DESC", "limit": 1}
+        )
+        # "training (train.num_workers=1) asks for 1 x {CPU: 1, GPU: 1}, but the Ray cluster has ..."
+        message = last["state"]["message"]
+        assert "asks for" in message and "GPU" in message, detail
+        assert champion.read_bytes() == before, "a failed nightly changed the champion"
+
+        # The automation noticed the failure and notified.
+        note = webhook.received.get(timeout=60)
+        assert "nightly run" in note["subject"] and "Failed" in note["subject"], note
+        assert message in note["body"], note
+
+        serve_check = _api(f"{api}/deployments/name/nightly/serve-check")
+        assert serve_check["schedules"][0]["schedule"]["cron"] == "0 2 * * *", tail("serve")
     finally:
-        for proc in (serve, server):
-            if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        for proc in reversed(procs):  # each with the processes it started (its group)
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=20)
+            except ProcessLookupError:
+                continue
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
