@@ -23,8 +23,10 @@ means a complete set. Three choices make reruns cheap and results exact:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -212,37 +214,42 @@ def verify_manifest(store: Store, manifest: DatasetManifest) -> list[str]:
 
 
 class _Progress:
-    """Console progress from the driver: images done of those listed, rate, ETA."""
+    """Console progress from the driver: images done, rate, ETA. The total comes from a count of
+    the listing that runs beside the work (listing is much faster than sharding); until it is
+    known, the line says how many images were listed so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, total: int | None = None) -> None:
         self.start = self.last = time.monotonic()
         self.listed = self.done = 0
-        self.listing_done = False
+        self.total = total
 
     def add(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            if self.listing_done:
-                eta = (self.listed - self.done) / max(rate, 1e-9)
-                share = 100.0 * self.done / max(self.listed, 1)
-                log.info(
-                    "shard: %d/%d images (%.0f%%), %.0f images/s, ETA %.0f s",
-                    self.done,
-                    self.listed,
-                    share,
-                    rate,
-                    eta,
-                )
-            else:
-                log.info(
-                    "shard: %d images of %d listed so far, %.0f images/s",
-                    self.done,
-                    self.listed,
-                    rate,
-                )
+        if now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        if self.total:
+            log.info(
+                "shard: %d/%d images (%.0f%%), %.0f images/s, ETA %.0f s",
+                self.done,
+                self.total,
+                100.0 * self.done / self.total,
+                rate,
+                max(self.total - self.done, 0) / max(rate, 1e-9),
+            )
+        else:
+            log.info(
+                "shard: %d images (%d listed so far), %.0f images/s", self.done, self.listed, rate
+            )
+
+    def count_beside(self, count: Callable[[], int]) -> None:
+        def run() -> None:
+            with contextlib.suppress(Exception):  # the listing itself reports what went wrong
+                self.total = count()
+
+        threading.Thread(target=run, name="shard-count", daemon=True).start()
 
 
 Runner = Callable[[Iterator[ChunkJob]], Iterator[tuple[ChunkJob, ChunkResult]]]
@@ -403,7 +410,12 @@ def shard_dataset(cfg: DataConfig, store: Store, ray_cfg: RayConfig | None = Non
     )
     workers = _workers(cfg, ray_cfg, plan.file_source is not None)
     run = _on_ray(settings, workers) if workers else _in_process(settings)
-    progress = _Progress()
+    progress = _Progress(len(plan.pixels) if plan.pixels is not None else None)
+    if plan.file_source is not None:
+        src, limit = plan.file_source, cfg.max_images
+        progress.count_beside(
+            lambda: sum(1 for _ in islice(Listing(src, "skip"), limit))  # names only
+        )
     listed = hashlib.sha256(f"{plan.source}|".encode())
     per_label: Counter[int] = Counter()
 
@@ -420,7 +432,7 @@ def shard_dataset(cfg: DataConfig, store: Store, ray_cfg: RayConfig | None = Non
             if chunk is not None:
                 yield from make(split, chunk, positions[split])
                 positions[split] = []
-        progress.listing_done = True
+        progress.total = progress.listed
         for split, cutter in cutters.items():
             if cutter.items:
                 yield from make(split, cutter.items, positions[split])
