@@ -8,19 +8,36 @@ stages before it returned.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+import logging
+import time
+from datetime import UTC, datetime
+from uuid import UUID
 
-from flows.stages import evaluate_task, promote_task, sample_task, shard_task, train_task
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.runtime import flow_run
+
+from flows.stages import (
+    evaluate_task,
+    promote_task,
+    report_task,
+    sample_task,
+    shard_task,
+    train_task,
+)
+from tasks import layout
 from tasks.config import PipelineConfig, load_config
 from tasks.records import (
     Checkpoint,
     Evaluation,
+    MetricSample,
     NightlySummary,
     SampleSet,
     ShardResult,
+    StageTiming,
     TrainResult,
 )
-from tasks.report import write_nightly_report
+from tasks.report import nightly_summary
 from tasks.runtime import setup_process
 from tasks.sample import find_sample_set
 from tasks.storage import open_store
@@ -67,19 +84,119 @@ def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = 
     return evaluate_task(cfg.evaluate, cfg.ray, cfg.storage, dataset, samples)
 
 
+class _Stages:
+    """The nightly's stages as the console and the Prefect UI see them: a line when each starts
+    and ends, its wall time kept for the report, and a progress artifact at the share done."""
+
+    NAMES = ("shard", "train", "sample", "evaluate", "promote", "report")
+
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter[logging.Logger], run: str):
+        self.logger, self.run = logger, run
+        self.timings: list[StageTiming] = []
+        self.started = time.perf_counter()
+        self.started_at = datetime.now(UTC)
+        progress = create_progress_artifact(
+            0.0, key="nightly-progress", description=f"nightly {run}: starting"
+        )
+        assert isinstance(progress, UUID)  # called from sync code: the sync variant ran
+        self.progress = progress
+
+    def start(self, name: str) -> None:
+        self.started, self.started_at = time.perf_counter(), datetime.now(UTC)
+        self.logger.info("[%d/%d] %s ...", self.NAMES.index(name) + 1, len(self.NAMES), name)
+
+    def done(self, name: str, detail: str, reused: bool | None = None) -> StageTiming:
+        timing = StageTiming(
+            name=name, seconds=time.perf_counter() - self.started, reused=reused, detail=detail
+        )
+        self.timings.append(timing)
+        n = self.NAMES.index(name) + 1
+        self.logger.info(
+            "[%d/%d] %s done in %.1f s%s: %s",
+            n,
+            len(self.NAMES),
+            name,
+            timing.seconds,
+            " (reused)" if reused else "",
+            detail,
+        )
+        update_progress_artifact(
+            self.progress,
+            100.0 * n / len(self.NAMES),
+            description=f"nightly {self.run}: {name} done ({n}/{len(self.NAMES)})",
+        )
+        return timing
+
+    def made_before_start(self, created: str) -> bool:
+        """Whether a record stamped `created` existed before the current stage began (reused)."""
+        return datetime.fromisoformat(created) < self.started_at.replace(microsecond=0)
+
+
 @flow(name="nightly")
-def nightly(config_path: str | None = None, overrides: list[str] | None = None) -> NightlySummary:
-    """Retrain, sample, evaluate; promote only when better. Returns the summary (report URL, FID, decision)."""
+def nightly(
+    config_path: str | None = None, overrides: list[str] | None = None, night: str | None = None
+) -> NightlySummary:
+    """Retrain, sample, evaluate; promote only when better by more than the noise; report.
+
+    `night` names the night (default: this flow run's scheduled start, `20261125T020000Z`, so a
+    retried run keeps it): its report folder, and its one decision in the promotion history,
+    which a rerun of the night replaces. Returns the summary (report URL, FID, decision, stages)."""
     logger = get_run_logger()
     cfg = _load(config_path, overrides)
-    logger.info("storage %s, run %s", cfg.storage.root, cfg.train.run_id)
+    night = night or layout.night_stamp(flow_run.scheduled_start_time)
+    logger.info("storage %s, run %s, night %s", cfg.storage.root, cfg.train.run_id, night)
+    stages = _Stages(logger, cfg.train.run_id)
+
+    stages.start("shard")
     sharded = shard_task(cfg.data, cfg.storage, cfg.ray)
-    trained = train_task(cfg, sharded.manifest, nightly=True)
-    samples = sample_task(cfg.sample, cfg.ray, cfg.storage, trained.checkpoint)
-    evaluation = evaluate_task(cfg.evaluate, cfg.ray, cfg.storage, sharded.manifest, samples)
-    decision = promote_task(cfg.promote, cfg.storage, evaluation.metrics, trained.checkpoint)
-    summary = write_nightly_report(
-        open_store(cfg.storage), sharded, trained, samples, evaluation, decision
+    manifest = sharded.manifest
+    stages.done(
+        "shard",
+        f"{manifest.dataset}: {manifest.split('train').count} train / "
+        f"{manifest.split('holdout').count} held-out images",
+        reused=sharded.reused,
     )
-    logger.info("report: %s", summary.report_url)
+
+    stages.start("train")
+    trained = train_task(cfg, manifest, nightly=True)
+    ckpt = trained.checkpoint
+    if trained.trained_steps == 0:
+        stages.done("train", f"nothing to train: the run is at step {ckpt.step}", reused=True)
+    else:
+        loss = "" if trained.loss is None else f", loss {trained.loss:.4g}"
+        stages.done(
+            "train",
+            f"step {trained.resumed_from or 0} -> {ckpt.step} ({trained.trained_steps} steps{loss})",
+            reused=False,
+        )
+
+    stages.start("sample")
+    samples = sample_task(cfg.sample, cfg.ray, cfg.storage, ckpt)
+    stages.done(
+        "sample",
+        f"{samples.num_images} images, {samples.config.sampler} {samples.config.steps} steps",
+        reused=stages.made_before_start(samples.created),
+    )
+
+    stages.start("evaluate")
+    evaluation = evaluate_task(cfg.evaluate, cfg.ray, cfg.storage, manifest, samples)
+    m = evaluation.metrics
+    score = MetricSample.of(m, cfg.promote.metric)
+    stages.done(
+        "evaluate",
+        f"{cfg.promote.metric.upper()} {score.describe() if score else 'n/a'}, "
+        f"{m.repeats} x {m.num_images} images vs {m.num_reference_images} held-out",
+    )
+
+    stages.start("promote")
+    decision = promote_task(cfg.promote, cfg.storage, m, ckpt, night)
+    stages.done("promote", "PROMOTED" if decision.promoted else "the champion stays")
+
+    stages.start("report")
+    store = open_store(cfg.storage)
+    summary = nightly_summary(
+        store, night, sharded, trained, samples, m, decision, list(stages.timings)
+    )
+    report_task(cfg.storage, summary)
+    stages.done("report", summary.report_url)
     return summary

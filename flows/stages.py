@@ -10,7 +10,11 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 from prefect import Task, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NONE
 
 from tasks.config import (
@@ -29,11 +33,14 @@ from tasks.records import (
     DatasetManifest,
     Evaluation,
     Metrics,
+    MetricSample,
+    NightlySummary,
     PromotionDecision,
     SampleSet,
     ShardResult,
     TrainResult,
 )
+from tasks.report import render_markdown, write_nightly_report
 from tasks.retry import STAGE_RETRIES, STAGE_RETRY_DELAY_S, is_transient
 from tasks.sample import sample_images
 from tasks.shard import shard_dataset
@@ -111,6 +118,48 @@ def evaluate_task(
 
 @_stage("promote")
 def promote_task(
-    cfg: PromoteConfig, storage: StorageConfig, metrics: Metrics, checkpoint: Checkpoint
+    cfg: PromoteConfig,
+    storage: StorageConfig,
+    metrics: Metrics,
+    checkpoint: Checkpoint,
+    night: str,
 ) -> PromotionDecision:
-    return promote_if_better(open_store(storage), cfg, metrics, checkpoint)
+    return promote_if_better(open_store(storage), cfg, metrics, checkpoint, night)
+
+
+@_stage("report")
+def report_task(storage: StorageConfig, summary: NightlySummary) -> NightlySummary:
+    """Write the night's report; publish it as Prefect artifacts (the report's Markdown, its
+    metrics with their noise, the stages' times, a link to report.html)."""
+    report = write_nightly_report(open_store(storage), summary)
+    create_markdown_artifact(
+        render_markdown(report, images=False)
+        + f"\n\nThe full report, images included: {summary.report_url}\n",
+        key="nightly-report",
+        description=f"run {summary.run_id}, night {summary.stamp}",
+    )
+    m = summary.metrics
+    create_table_artifact(
+        [
+            {"metric": metric, "mean": s.mean, "std": s.std, "k": s.k, "per_repeat": s.values}
+            for metric in ("fid", "kid")
+            if (s := MetricSample.of(m, metric)) is not None
+        ],
+        key="nightly-metrics",
+        description=f"{m.extractor.label}; std over {m.repeats} repeat(s) of {m.num_images} images",
+    )
+    create_table_artifact(
+        [
+            {
+                "stage": t.name,
+                "seconds": round(t.seconds, 1),
+                "reused": t.reused,
+                "result": t.detail,
+            }
+            for t in summary.stages
+        ],
+        key="nightly-stages",
+        description=f"run {summary.run_id}, night {summary.stamp}",
+    )
+    create_link_artifact(summary.report_url, link_text="the full report", key="nightly-report-html")
+    return summary

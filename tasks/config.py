@@ -320,6 +320,21 @@ class PromoteConfig(_Frozen):
         default="default", description="the name the promoted model is kept under in the store"
     )
     metric: Literal["fid", "kid"] = "fid"
+    alpha: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=0.5,
+        description="the challenger must beat the champion by more than the measured noise: a "
+        "one-sided Welch t-test over the evaluate.repeats scores at this false-promotion rate",
+    )
+    min_improvement: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="also require the metric to fall by at least this fraction of the champion's "
+        "(e.g. 0.05); the only bar when no noise was measured (evaluate.repeats=1): None = never "
+        "promote over a champion without measured noise",
+    )
 
     @field_validator("model_name")
     @classmethod

@@ -10,15 +10,17 @@ layout" section is tested against these functions (tests/unit/test_layout.py).
     runs/<run_id>/checkpoints/step-00000600.pt  latest.json
     runs/<run_id>/samples/<set>/weights.pt  shard-000000.tar  shard-000000.json  manifest.json
     runs/<run_id>/eval/<set>/metrics.json  grid.png  report.md
-    runs/<run_id>/nightly/<stamp>/report.md  summary.json;  runs/<run_id>/nightly/latest.json
+    runs/<run_id>/nightly/<stamp>/report.md  report.html  {grid,loss,fid}.png  summary.json
+    runs/<run_id>/nightly/latest.json
     stats/<dataset fingerprint>/<extractor sha16>-n<count>.npz
     extractors/<weights file>
-    models/<name>/current.json  history.json  step-<step>.pt
+    models/<name>/current.json  history.json  step-<step>.pt  step-<step>.json
 """
 
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Literal
 
 Split = Literal["train", "holdout"]
@@ -145,12 +147,30 @@ def eval_report(prefix: str) -> str:
 
 
 # -- nightly reports -----------------------------------------------------------------------------
+def night_stamp(when: datetime) -> str:
+    """A night's name, `20261125T020000Z`: its scheduled start in UTC (a rerun keeps it)."""
+    return when.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
 def nightly_prefix(run_id: str, stamp: str) -> str:
     return f"{run_prefix(run_id)}/nightly/{part(stamp, 'nightly stamp')}"
 
 
 def nightly_report(prefix: str) -> str:
     return f"{prefix}/report.md"
+
+
+def nightly_report_html(prefix: str) -> str:
+    """The self-contained report (its images inlined)."""
+    return f"{prefix}/report.html"
+
+
+NightlyFigure = Literal["grid", "loss", "fid"]
+
+
+def nightly_figure(prefix: str, figure: NightlyFigure) -> str:
+    """A figure of the night's report (sample grid, loss curve, FID over nights) beside report.md."""
+    return f"{prefix}/{part(figure, 'figure')}.png"
 
 
 def nightly_summary(prefix: str) -> str:
@@ -195,3 +215,8 @@ def model_history(name: str) -> str:
 def model_checkpoint(name: str, step: int) -> str:
     """The promoted checkpoint's own copy: training prunes its old checkpoints."""
     return f"{model_prefix(name)}/step-{_step(step)}.pt"
+
+
+def model_champion(name: str, step: int) -> str:
+    """The champion record of the copy `model_checkpoint(name, step)`, kept for rollbacks."""
+    return f"{model_prefix(name)}/step-{_step(step)}.json"

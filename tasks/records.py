@@ -361,9 +361,52 @@ class Evaluation(_Model):
 
 
 # -- promote -------------------------------------------------------------------------------------
+class MetricSample(_Model):
+    """One evaluation's promotion metric: the mean over its k repeats and their sample standard
+    deviation (None when k = 1: no noise was measured)."""
+
+    mean: float
+    std: float | None
+    k: int
+    values: list[float]
+
+    @classmethod
+    def of(cls, metrics: Metrics, metric: MetricName) -> MetricSample | None:
+        mean = metrics.value(metric)
+        if mean is None:
+            return None
+        values = metrics.values(metric)
+        return cls(mean=mean, std=metrics.std(metric), k=max(len(values), 1), values=values)
+
+    def describe(self) -> str:
+        """'0.0903 ± 0.0021 (std over k=3)', or '0.0903 (k=1: noise not measured)'."""
+        if self.std is None or self.k < 2:
+            return f"{self.mean:#.4g} (k={self.k}: noise not measured)"
+        return f"{self.mean:#.4g} ± {self.std:#.2g} (std over k={self.k})"
+
+
+class PromotionEvidence(_Model):
+    """What a promotion decision weighed (README: Promotion). Lower metric values are better, so
+    `improvement` = champion mean - challenger mean; the challenger wins iff improvement > threshold."""
+
+    challenger: MetricSample | None
+    champion: MetricSample | None = None
+    champion_checkpoint_key: str | None = None
+    improvement: float | None = None
+    standard_error: float | None = None  # of the improvement: sqrt(s1^2/k1 + s2^2/k2)
+    df: float | None = None  # Welch-Satterthwaite degrees of freedom
+    alpha: float  # promote.alpha: the one-sided test's false-promotion rate
+    margin: float | None = None  # Student-t quantile t(1 - alpha, df): the bar, in standard errors
+    min_improvement: float | None = None  # promote.min_improvement (relative)
+    threshold: float | None = None  # the improvement required, in metric units
+
+
 class PromotionDecision(_Model):
+    """The decision of one night (`night`, the nightly's stamp): a rerun of the night replaces it."""
+
     promoted: bool
     reason: str
+    night: str
     model_name: str
     metric: MetricName
     value: float | None
@@ -371,28 +414,61 @@ class PromotionDecision(_Model):
     checkpoint_step: int
     promoted_key: str | None = None
     decided_at: str
+    evidence: PromotionEvidence
 
 
 class Champion(Record):
-    """`models/<name>/current.json`: the promoted model and the evaluation that won it the place."""
+    """`models/<name>/current.json`: the promoted model and the evaluation that won it the place.
+    Each champion is also kept at `models/<name>/step-<step>.json` (`key`); `previous_key` names
+    the one it replaced, which `diffpipe promote --rollback` restores."""
 
-    format: Literal["diffusion-pipeline/champion@1"] = "diffusion-pipeline/champion@1"
+    format: Literal["diffusion-pipeline/champion@2"] = "diffusion-pipeline/champion@2"
+    model_name: str
+    step: int
     checkpoint_key: str  # the store's own copy, which outlives training's pruning
     source_checkpoint_key: str
     metrics: Metrics
     promoted_at: str
+    night: str | None = None  # the night whose decision promoted it (None: restored by hand)
+    previous_key: str | None = None
+
+    @property
+    def key(self) -> str:
+        return layout.model_champion(self.model_name, self.step)
+
+
+class Rollback(_Model):
+    """`diffpipe promote --rollback`: the champion `from_key` gave its place back to `to_key`."""
+
+    at: str
+    from_key: str
+    from_step: int
+    to_key: str
+    to_step: int
 
 
 class PromotionHistory(Record):
-    format: Literal["diffusion-pipeline/promotion-history@1"] = (
-        "diffusion-pipeline/promotion-history@1"
+    """`models/<name>/history.json`: one decision per night, in night order, and the rollbacks."""
+
+    format: Literal["diffusion-pipeline/promotion-history@2"] = (
+        "diffusion-pipeline/promotion-history@2"
     )
     decisions: list[PromotionDecision]
+    rollbacks: list[Rollback] = []
 
 
 # -- nightly -------------------------------------------------------------------------------------
+class StageTiming(_Model):
+    """One stage of a nightly: its wall time and what it did."""
+
+    name: str
+    seconds: float
+    reused: bool | None = None  # its result already existed (None: the stage never reuses)
+    detail: str
+
+
 class NightlySummary(Record):
-    format: Literal["diffusion-pipeline/nightly@1"] = "diffusion-pipeline/nightly@1"
+    format: Literal["diffusion-pipeline/nightly@2"] = "diffusion-pipeline/nightly@2"
     run_id: str
     stamp: str
     dataset: str
@@ -405,5 +481,7 @@ class NightlySummary(Record):
     samples_key: str
     metrics: Metrics
     promotion: PromotionDecision
-    report_key: str
-    report_url: str
+    stages: list[StageTiming]
+    report_key: str  # report.md
+    report_html_key: str
+    report_url: str  # of report.html

@@ -33,8 +33,29 @@ def test_cli_nightly_prints_report_and_fid(tmp_path):
     ]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    report = re.search(r"^report: file://(\S+)$", run.stdout, re.M)
-    fid = re.search(r"^FID: (\S+) \((.*STAND-IN.*not comparable.*)\)", run.stdout, re.M)
+    # the final summary: what ran and how long it took, the report, FID with its noise, the decision
+    for stage in ("shard", "train", "sample", "evaluate", "promote"):
+        assert re.search(rf"^  {stage} +\d+\.\d s ", run.stdout, re.M), (stage, run.stdout)
+    report = re.search(r"^report: file://(\S+/report\.html)$", run.stdout, re.M)
+    fid = re.search(
+        r"^FID: (\S+) \((noise not measured|std over k=\d+).*STAND-IN.*not comparable.*\)$",
+        run.stdout,
+        re.M,
+    )
     assert report and fid, run.stdout
     assert Path(report.group(1)).is_file() and float(fid.group(1)) >= 0
     assert "NOT comparable" in Path(report.group(1)).read_text()
+    assert re.search(r"^promotion: PROMOTED: no model promoted yet; fid ", run.stdout, re.M)
+    # Ray's and Prefect's own chatter stays out of the default output
+    for noise in ("Started a local Ray instance", "Token authentication", "temporary server"):
+        assert noise not in run.stdout + run.stderr, noise
+    assert re.search(r"\[2/6\] train done in", run.stderr)  # the stage progress lines
+
+    # the champion, and a rollback that has nothing to restore after one night
+    promote = [cmd[0], "promote", f"storage.root={store}"]
+    shown = subprocess.run(promote, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "model 'default': step 20 " in shown.stdout, shown
+    rollback = subprocess.run(
+        [*promote, "--rollback"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert rollback.returncode == 2 and "no previous champion" in rollback.stderr, rollback

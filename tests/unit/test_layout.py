@@ -7,6 +7,7 @@ import ast
 import inspect
 import re
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 # What a store key looks like in source: a top-level folder of the layout or one of its file names.
 KEY_LIKE = re.compile(
     r"(^|/)(datasets|runs|stats|extractors|models)/|/(checkpoints|samples|eval|nightly)(/|$)"
-    r"|(manifest|latest|config|metrics|history|current|summary)\.json|report\.md|grid\.png"
+    r"|(manifest|latest|config|metrics|history|current|summary)\.json|report\.(md|html)"
+    r"|(grid|loss|fid)\.png"
     r"|weights\.pt\b|(shard|step|train|holdout)-\{"
 )
 
@@ -82,7 +84,7 @@ def _layout_keys() -> tuple[list[str], set[str]]:
     run, step, fp, sha = "nightly", 600, "0123456789abcdef", "f" * 64
     sset = L["sample_set_name"](step, "ddim", 50, "a1b2c3d4e5")
     samples, evals = L["sample_set_prefix"](run, sset), L["eval_prefix"](run, sset)
-    nightly = L["nightly_prefix"](run, "20261125T020000Z")
+    nightly = L["nightly_prefix"](run, L["night_stamp"](datetime(2026, 11, 25, 2, tzinfo=UTC)))
     keys = [
         L["dataset_shard"](ds, "train", "0123456789abcdef0123"),
         L["dataset_shard"](ds, "holdout", "fedcba9876543210fedc"),
@@ -98,6 +100,8 @@ def _layout_keys() -> tuple[list[str], set[str]]:
         L["eval_grid"](evals),
         L["eval_report"](evals),
         L["nightly_report"](nightly),
+        L["nightly_report_html"](nightly),
+        *(L["nightly_figure"](nightly, figure) for figure in ("grid", "loss", "fid")),
         L["nightly_summary"](nightly),
         L["nightly_latest"](run),
         L["reference_stats"](fp, sha, 180),
@@ -105,6 +109,7 @@ def _layout_keys() -> tuple[list[str], set[str]]:
         L["model_current"]("default"),
         L["model_history"]("default"),
         L["model_checkpoint"]("default", step),
+        L["model_champion"]("default", step),
         L["train_history"](run),
         L["tensorboard_file"](run, "events.out.tfevents.1764100000.host.123.0"),
     ]

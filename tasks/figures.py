@@ -1,0 +1,82 @@
+"""The nightly report's figures as PNG bytes: the training loss curve and the metric over nights.
+
+Matplotlib's object API with the Agg canvas: no pyplot, so no global figure state and no GUI
+backend, in any thread or Ray worker.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from tasks.records import LogWindow, PromotionDecision
+
+_SIZE = (7.0, 3.2)  # inches, at 100 dpi: 700 x 320 px
+_DPI = 100
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    return buf.getvalue()
+
+
+def loss_curve(windows: list[LogWindow], night_start: int | None = None) -> bytes:
+    """Training loss per logging window against the step; a dashed line where tonight began."""
+    fig = Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    steps = [w.step for w in windows]
+    losses = [w.loss for w in windows]
+    ax.plot(steps, losses, marker="." if len(windows) < 40 else None, color="tab:blue")
+    if losses and min(losses) > 0:
+        ax.set_yscale("log")
+    if night_start is not None and night_start > 0:
+        ax.axvline(night_start, color="gray", linestyle="--", linewidth=1, label="tonight from")
+        ax.legend(loc="upper right")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over ranks and window)")
+    ax.grid(True, alpha=0.3)
+    return _png(fig)
+
+
+def metric_over_nights(decisions: list[PromotionDecision]) -> bytes:
+    """Each night's challenger (mean ± std over its repeats; filled when promoted) and the
+    champion it was weighed against or became."""
+    fig = Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    x = list(range(len(decisions)))
+    for promoted, color, label in ((True, "tab:green", "promoted"), (False, "tab:red", "kept")):
+        points = [
+            (i, d.evidence.challenger)
+            for i, d in enumerate(decisions)
+            if d.promoted == promoted and d.evidence.challenger is not None
+        ]
+        if points:
+            ax.errorbar(
+                [i for i, _ in points],
+                [c.mean for _, c in points],
+                yerr=[c.std or 0.0 for _, c in points],
+                fmt="o",
+                color=color,
+                capsize=3,
+                label=f"challenger, {label} (± std)",
+            )
+    champion: list[float] = []
+    for d in decisions:
+        ch = d.evidence.challenger if d.promoted else d.evidence.champion
+        champion.append(ch.mean if ch is not None else float("nan"))
+    ax.step(
+        x, champion, where="mid", color="black", linewidth=1.2, label="champion after the night"
+    )
+    every = max(1, math.ceil(len(decisions) / 12))  # at most ~12 labels
+    ax.set_xticks(
+        x[::every], [d.night[:8] + "\n" + d.night[9:13] for d in decisions[::every]], fontsize=7
+    )
+    ax.set_ylabel(decisions[0].metric.upper() if decisions else "metric")
+    ax.set_xlabel("night (UTC)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
