@@ -67,14 +67,16 @@ def train_flow(config_path: str | None = None, overrides: list[str] | None = Non
 @flow(name="sample")
 def sample_flow(config_path: str | None = None, overrides: list[str] | None = None) -> SampleSet:
     cfg = _load(config_path, overrides)
-    return sample_task(cfg.sample, cfg.ray, cfg.storage, _latest_checkpoint(cfg))
+    return sample_task(
+        cfg.sample, cfg.ray, cfg.storage, _latest_checkpoint(cfg), cfg.evaluate.repeats
+    )
 
 
 @flow(name="evaluate")
 def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = None) -> Evaluation:
     cfg = _load(config_path, overrides)
     checkpoint = _latest_checkpoint(cfg)
-    samples = find_sample_set(open_store(cfg.storage), checkpoint, cfg.sample)
+    samples = find_sample_set(open_store(cfg.storage), checkpoint, cfg.sample, cfg.evaluate.repeats)
     if samples is None:
         raise FileNotFoundError(
             f"run {cfg.train.run_id!r} has no complete sample set for step {checkpoint.step} with "
@@ -171,7 +173,7 @@ def nightly(
         )
 
     stages.start("sample")
-    samples = sample_task(cfg.sample, cfg.ray, cfg.storage, ckpt)
+    samples = sample_task(cfg.sample, cfg.ray, cfg.storage, ckpt, cfg.evaluate.repeats)
     stages.done(
         "sample",
         f"{samples.num_images} images, {samples.config.sampler} {samples.config.steps} steps",

@@ -81,9 +81,13 @@ def train_task(cfg: PipelineConfig, dataset: DatasetManifest, nightly: bool = Fa
 
 @_stage("sample")
 def sample_task(
-    sample: SampleConfig, ray: RayConfig, storage: StorageConfig, checkpoint: Checkpoint
+    sample: SampleConfig,
+    ray: RayConfig,
+    storage: StorageConfig,
+    checkpoint: Checkpoint,
+    repeats: int = 1,
 ) -> SampleSet:
-    return sample_images(open_store(storage), sample, ray, checkpoint)
+    return sample_images(open_store(storage), sample, ray, checkpoint, repeats=repeats)
 
 
 @_stage("evaluate")
@@ -105,6 +109,7 @@ def evaluate_task(
         {"metric": name, "value": value}
         for name, value in (
             ("fid", m.fid),
+            ("fid_std", m.fid_std),
             ("kid_mean", m.kid_mean),
             ("kid_std", m.kid_std),
             ("isc_mean", m.isc_mean),

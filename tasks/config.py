@@ -261,11 +261,25 @@ class SampleConfig(_Frozen):
     guidance_scale: float = Field(default=1.0, ge=0.0)
     seed_start: int = Field(default=0, ge=0, description="image i gets seed seed_start + i")
     images_per_task: int = Field(
-        default=128, ge=1, description="one Ray task and one output shard per range"
+        default=128,
+        ge=1,
+        description="images per seed range: one unit of an actor's work and one output shard",
     )
     batch_size: int = Field(default=64, ge=1)
-    use_gpu: bool = False
-    cpus_per_task: float = Field(default=1.0, gt=0)
+    use_gpu: bool = Field(default=False, description="one sampling actor per GPU")
+    cpus_per_task: float = Field(default=1.0, gt=0, description="CPUs of each sampling actor")
+    num_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="sampling actors (each loads the weights once); None = as many as the "
+        "cluster fits (one per GPU with use_gpu), at most one per seed range",
+    )
+    max_restarts: int = Field(
+        default=3,
+        ge=0,
+        description="restarts of a sampling actor whose process died (lost node, OOM); its "
+        "unfinished range is re-run and writes the same bytes",
+    )
     use_ema: bool = True
     bf16: bool = False
     channels_last: bool = False
@@ -310,9 +324,15 @@ class EvalConfig(_Frozen):
     kid_subset_size: int = Field(default=100, ge=2)
     grid_images: int = Field(default=64, ge=1)
     use_gpu: bool = Field(
-        default=False, description="run the evaluation as a Ray task on a GPU worker"
+        default=False, description="extract the Inception features on Ray workers with one GPU each"
     )
-    cpus: float = Field(default=1.0, gt=0, description="CPUs of the evaluation task")
+    cpus: float = Field(default=1.0, gt=0, description="CPUs of each feature-extraction worker")
+    num_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="feature-extraction workers (Ray actors, each loads the extractor once); "
+        "None = as many as the cluster fits (one per GPU with use_gpu), at most one per shard",
+    )
 
 
 class PromoteConfig(_Frozen):

@@ -1,22 +1,71 @@
-"""Run the evaluation where the GPUs are: a Ray task with one GPU (`evaluate.use_gpu`), so the
-Inception passes over tens of thousands of images do not run on the orchestrating machine."""
+"""The distributed evaluation: a pool of Ray actors (`tasks.features.FeatureWorker`), each loading
+the extractor once (on its own GPU with `evaluate.use_gpu`), extracts the sample shards in
+parallel; the driver (`tasks.evaluate.evaluate_samples`) only adds up their moments."""
 
 from __future__ import annotations
 
-from tasks.config import EvalConfig, RayConfig, StorageConfig
+from collections.abc import Iterator
+from typing import Any
+
+from tasks.config import EvalConfig, RayConfig
 from tasks.evaluate import evaluate_samples
+from tasks.features import FeatureWorker, RepeatScores, ScoreJob, ShardFeatures, ShardJob
+from tasks.inception import ExtractorInfo, resolve_extractor
+from tasks.jobs import pool_size
 from tasks.ray_runtime import check_resources, ensure_ray
 from tasks.records import DatasetManifest, Evaluation, SampleSet
-from tasks.storage import Store, open_store
+from tasks.storage import Store
 
 
-def _evaluate_remote(
-    storage: StorageConfig, cfg: EvalConfig, dataset: DatasetManifest, samples: SampleSet
-) -> Evaluation:
-    import torch
+class RayPool:
+    """`evaluate.num_workers` FeatureWorker actors (default: as many as fit, at most `units`).
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return evaluate_samples(open_store(storage), dataset, samples, cfg, device=device)
+    A killed actor is restarted and its shard re-run (`max_restarts`); a shard's features and
+    moments do not depend on which actor computed them."""
+
+    def __init__(
+        self,
+        store: Store,
+        cfg: EvalConfig,
+        ray_cfg: RayConfig,
+        extractor: ExtractorInfo,
+        channels: int,
+        units: int,
+        max_restarts: int = 3,
+    ) -> None:
+        ensure_ray(ray_cfg)
+        bundle = {"CPU": cfg.cpus, **({"GPU": 1.0} if cfg.use_gpu else {})}
+        check_resources(ray_cfg, bundle, 1, "a feature-extraction worker")
+        import ray
+        from ray.util import ActorPool
+
+        worker = ray.remote(FeatureWorker).options(
+            num_cpus=cfg.cpus,
+            num_gpus=1 if cfg.use_gpu else 0,
+            max_restarts=max_restarts,
+            max_task_retries=max_restarts,
+        )
+        size = pool_size(ray_cfg, bundle, cfg.num_workers, units)
+        threads = max(1, int(cfg.cpus))
+        self.actors: list[Any] = [  # Ray actor handles
+            worker.remote(store.config, cfg, extractor, channels, threads) for _ in range(size)
+        ]
+        self.pool = ActorPool(self.actors)
+
+    def map_shards(self, jobs: list[ShardJob]) -> Iterator[ShardFeatures]:
+        results: Iterator[ShardFeatures] = self.pool.map_unordered(
+            lambda actor, job: actor.shard.remote(job), jobs
+        )
+        return results
+
+    def scores(self, jobs: list[ScoreJob]) -> list[RepeatScores]:
+        return list(self.pool.map(lambda actor, job: actor.scores.remote(job), jobs))
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
 
 
 def evaluate(
@@ -26,13 +75,12 @@ def evaluate(
     dataset: DatasetManifest,
     samples: SampleSet,
 ) -> Evaluation:
-    """Evaluate in this process on CPU, or as a one-GPU Ray task when `evaluate.use_gpu`."""
-    if not cfg.use_gpu:
-        return evaluate_samples(store, dataset, samples, cfg, device="cpu")
-    ensure_ray(ray_cfg)
-    check_resources(ray_cfg, {"CPU": cfg.cpus, "GPU": 1.0}, 1, "evaluation (evaluate.use_gpu)")
-    import ray
-
-    remote = ray.remote(_evaluate_remote).options(num_gpus=1, num_cpus=cfg.cpus)
-    result: Evaluation = ray.get(remote.remote(store.config, cfg, dataset, samples))
-    return result
+    """Evaluate `samples` with the shards' features extracted on a pool of Ray actors."""
+    extractor = resolve_extractor(cfg, store)
+    holdout = dataset.split("holdout")
+    units = max(len(samples.shards), len(holdout.shards))
+    pool = RayPool(store, cfg, ray_cfg, extractor, dataset.channels, units)
+    try:
+        return evaluate_samples(store, dataset, samples, cfg, pool=pool, extractor=extractor)
+    finally:
+        pool.close()

@@ -9,6 +9,7 @@ layout" section is tested against these functions (tests/unit/test_layout.py).
     runs/<run_id>/config.json
     runs/<run_id>/checkpoints/step-00000600.pt  latest.json
     runs/<run_id>/samples/<set>/weights.pt  shard-000000.tar  shard-000000.json  manifest.json
+    runs/<run_id>/samples/<set>/features/<extractor sha16>/shard-000000.npz
     runs/<run_id>/eval/<set>/metrics.json  grid.png  report.md
     runs/<run_id>/nightly/<stamp>/report.md  report.html  {grid,loss,fid}.png  summary.json
     runs/<run_id>/nightly/latest.json
@@ -128,6 +129,13 @@ def sample_receipt(set_prefix: str, n: int) -> str:
 
 def sample_manifest(set_prefix: str) -> str:
     return f"{set_prefix}/manifest.json"
+
+
+def sample_features(set_prefix: str, extractor_sha256: str, n: int) -> str:
+    """Inception features of shard `n` by the extractor with these weights (KID, IS and a
+    re-evaluation read them instead of extracting again)."""
+    sha = part(extractor_sha256, "extractor sha256")[:16]
+    return f"{set_prefix}/features/{sha}/shard-{_index(n)}.npz"
 
 
 def eval_prefix(run_id: str, set_name: str) -> str:

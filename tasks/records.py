@@ -237,14 +237,17 @@ class SampleShard(Record):
 
 
 class SampleSet(Record):
-    """A complete sample set (manifest written last)."""
+    """A complete sample set (manifest written last): `repeats` disjoint seed ranges of
+    `num_images` images each, from `config.seed_start` on; no shard spans two repeats."""
 
-    format: Literal["diffusion-pipeline/samples@2"] = "diffusion-pipeline/samples@2"
+    format: Literal["diffusion-pipeline/samples@3"] = "diffusion-pipeline/samples@3"
     name: str
     run_id: str
     checkpoint: Checkpoint
     weights_key: str
-    num_images: int
+    weights: Literal["ema", "raw"]  # what weights.pt holds (raw when the checkpoint had no EMA)
+    num_images: int  # per repeat
+    repeats: int = 1
     image_size: int
     channels: int
     shards: list[SampleShard]
@@ -258,6 +261,16 @@ class SampleSet(Record):
     @property
     def key(self) -> str:
         return layout.sample_manifest(self.prefix)
+
+    def seed_ranges(self) -> list[tuple[int, int]]:
+        """[start, stop) of each repeat."""
+        first, n = self.config.seed_start, self.num_images
+        return [(first + j * n, first + (j + 1) * n) for j in range(self.repeats)]
+
+    def repeat_shards(self, repeat: int) -> list[SampleShard]:
+        """The shards holding the seeds of repeat `repeat` (0-based), in seed order."""
+        start, stop = self.seed_ranges()[repeat]
+        return [s for s in self.shards if start <= s.seed_start and s.seed_stop <= stop]
 
 
 # -- evaluate ------------------------------------------------------------------------------------

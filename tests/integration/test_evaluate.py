@@ -23,11 +23,12 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_core.fid import feature_moments, frechet_distance
+from diffusion_core.fid import feature_moments, frechet_distance, kernel_inception_distance
 from diffusion_core.unet import UNetConfig
 from tasks import layout
 from tasks.config import DataConfig, EvalConfig, ModelConfig, SampleConfig, StorageConfig
 from tasks.evaluate import evaluate_samples, reference_features
+from tasks.features import KID_SUBSETS
 from tasks.inception import (
     STANDARD_FILENAME,
     ExtractorInfo,
@@ -50,6 +51,7 @@ from tests.conftest import free_port
 N_PER_SET = 64  # images per FID set in the separation test
 N_HOLDOUT = 24
 N_SAMPLES = 16
+N_REPEAT = 8  # images per repeat in the distributed test
 FINGERPRINT = "mnist-test-0123abcd"
 
 pytestmark = pytest.mark.slow  # an S3 server process and ~230 InceptionV3 forward passes
@@ -261,12 +263,20 @@ def test_malicious_weights_file_is_refused_unexecuted(
 
 
 # (f) the task end to end on tiny shards in S3 ---------------------------------------------------
-def _write_samples(store: Store, images: np.ndarray, channels: int = 1) -> SampleSet:
+def _write_samples(
+    store: Store, images: np.ndarray, channels: int = 1, repeats: int = 1
+) -> SampleSet:
+    """`images` as a sample set of `repeats` repeats, two shards per repeat (seed i = image i)."""
     name = f"step-00000600-ddim-50-{uuid.uuid4().hex[:8]}"
     prefix = layout.sample_set_prefix("nightly", name)
-    half = len(images) // 2
+    per = len(images) // repeats
+    bounds = [
+        b
+        for j in range(repeats)
+        for b in ((j * per, j * per + per // 2), (j * per + per // 2, (j + 1) * per))
+    ]
     shards = []
-    for i, (lo, hi) in enumerate(((0, half), (half, len(images)))):
+    for i, (lo, hi) in enumerate(bounds):
         samples = (
             {
                 "__key__": f"{seed:08d}",
@@ -276,7 +286,16 @@ def _write_samples(store: Store, images: np.ndarray, channels: int = 1) -> Sampl
             for seed in range(lo, hi)
         )
         info = write_shard(store, layout.sample_shard(prefix, i), samples)
-        shards.append(SampleShard(**info.model_dump(), seed_start=lo, seed_stop=hi))
+        shards.append(
+            SampleShard(
+                key=info.key,
+                count=info.count,
+                sha256=info.sha256,
+                bytes=info.bytes,
+                seed_start=lo,
+                seed_stop=hi,
+            )
+        )
     checkpoint = Checkpoint(
         run_id="nightly",
         step=600,
@@ -291,11 +310,13 @@ def _write_samples(store: Store, images: np.ndarray, channels: int = 1) -> Sampl
         run_id="nightly",
         checkpoint=checkpoint,
         weights_key=layout.sample_weights(prefix),
-        num_images=len(images),
+        weights="ema",
+        num_images=per,
+        repeats=repeats,
         image_size=28,
         channels=channels,
         shards=shards,
-        config=SampleConfig(num_images=len(images), sampler="ddim", steps=50),
+        config=SampleConfig(num_images=per, sampler="ddim", steps=50),
         created="2026-11-25T00:00:00+00:00",
     )
     sample_set.write(store, sample_set.key)
@@ -348,6 +369,26 @@ def test_evaluate_samples_end_to_end(
     shown = {k: round(getattr(metrics, k), 6) for k in ("fid", "kid_mean", "isc_mean")}
     print(f"\nend-to-end metrics ({N_SAMPLES} samples vs {N_HOLDOUT} held-out): {shown}")
 
+    # One repeat: its FID, seed range and provenance; no noise estimate from a single range.
+    assert (metrics.repeats, metrics.fids, metrics.fid_std) == (1, [metrics.fid], None)
+    assert metrics.kids == [metrics.kid_mean] and metrics.kid_mean_std is None
+    assert metrics.seed_ranges == [(0, N_SAMPLES)] and metrics.weights == "ema"
+    p = metrics.provenance
+    assert p is not None and p.device == "cpu" and p.torch == torch.__version__
+    assert p.torch_fidelity and p.package_version and p.git_commit  # this is a git checkout
+    for text in (p.git_commit, p.torch_fidelity, f"0..{N_SAMPLES - 1}", "| weights | `ema` |"):
+        assert text in report, text
+    # The shards' features are kept: re-evaluating extracts nothing and gives the same numbers.
+    kept = [layout.sample_features(sample_set.prefix, standin.sha256, n) for n in (0, 1)]
+    stamps = [store.fs.info(store.path(k))["LastModified"] for k in kept]
+    again = evaluate_samples(store, dataset_manifest, sample_set, cfg, extractor=standin)
+    assert [store.fs.info(store.path(k))["LastModified"] for k in kept] == stamps
+    assert (again.metrics.fid, again.metrics.kid_mean, again.metrics.isc_mean) == (
+        metrics.fid,
+        metrics.kid_mean,
+        metrics.isc_mean,
+    )
+
 
 def test_evaluate_samples_rejects_channel_mismatch(
     store: Store, dataset_manifest: DatasetManifest, standin: ExtractorInfo
@@ -382,3 +423,52 @@ def _sha(data: bytes) -> str:
     import hashlib
 
     return hashlib.sha256(data).hexdigest()
+
+
+# (g) distributed: shards on Ray workers, FID from merged moments, repeats ------------------------
+def test_distributed_fid_equals_single_process_fid_per_repeat(
+    store: Store,
+    dataset_manifest: DatasetManifest,
+    standin: ExtractorInfo,
+    mnist: np.ndarray,
+    ray_cluster: None,
+) -> None:
+    from tasks.config import RayConfig
+    from tasks.evaluate_ray import RayPool
+
+    images = mnist[3000 : 3000 + 2 * N_REPEAT]  # two repeats, two shards each
+    sample_set = _write_samples(store, images, repeats=2)
+    cfg = EvalConfig(repeats=2, kid_subset_size=6, batch_size=8, num_workers=2)
+    pool = RayPool(store, cfg, RayConfig(), standin, channels=1, units=4)
+    try:
+        assert len(pool.actors) == 2
+        result = evaluate_samples(
+            store, dataset_manifest, sample_set, cfg, pool=pool, extractor=standin
+        )
+    finally:
+        pool.close()
+    m = result.metrics
+    ref = reference_features(store, dataset_manifest, standin, cfg)  # cached by now
+    assert not ref.computed
+    single = [
+        extract_features(images[j * N_REPEAT : (j + 1) * N_REPEAT], standin, batch_size=32)["2048"]
+        for j in range(2)
+    ]
+    fids = [frechet_distance(*feature_moments(f), ref.mu, ref.sigma) for f in single]
+    assert m.fids == pytest.approx(fids, rel=1e-6)
+    assert m.fid == pytest.approx(float(np.mean(fids)), rel=1e-6)
+    assert m.fid_std == pytest.approx(float(np.std(fids, ddof=1)), rel=1e-5)
+    kids = [
+        kernel_inception_distance(f, ref.features, 6, KID_SUBSETS, seed=2020)[0] for f in single
+    ]
+    assert m.kids == pytest.approx(kids, rel=1e-6, abs=1e-12)
+    assert m.repeats == 2 and m.seed_ranges == [(0, N_REPEAT), (N_REPEAT, 2 * N_REPEAT)]
+    assert m.num_images == N_REPEAT and m.provenance is not None and m.provenance.device == "cpu"
+    # every shard's features are in the store, under the extractor's sha256
+    for n in range(4):
+        assert store.exists(layout.sample_features(sample_set.prefix, standin.sha256, n))
+    assert (
+        "± " in result.report_markdown
+        and f"{N_REPEAT}..{2 * N_REPEAT - 1}" in result.report_markdown
+    )
+    print(f"\nper-repeat FIDs (2 x {N_REPEAT} images, 2 workers): {m.fids}, std {m.fid_std:.3g}")

@@ -4,13 +4,24 @@ resumes; outputs carry their seeds."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
 from tasks import layout
 from tasks.config import PipelineConfig, SampleConfig, StorageConfig
 from tasks.records import Checkpoint, SampleSet
-from tasks.sample import find_sample_set, sample_images, sample_seed_range
+from tasks.sample import (
+    SeedRangeSampler,
+    find_sample_set,
+    sample_images,
+    sample_seed_range,
+    sample_set_name,
+)
 from tasks.shard import shard_dataset
 from tasks.storage import Store
 from tasks.train_loop import TrainJob, run_training
@@ -112,3 +123,90 @@ def test_ray_fan_out_matches_a_single_task(checkpoint, ray_cluster):
         assert sample_images(store, cfg.sample, cfg.ray, ckpt) == manifest
     finally:
         store.write_bytes(ckpt.key, data)
+
+
+# -- the job: a pool of actors, repeats, a killed actor, a resumed job ---------------------------
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (read from /proc: no psutil here)."""
+    parent_of = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parent_of.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def _sampler_actor_pids() -> list[int]:
+    """Our session's sampling actors: Ray names an actor's process `ray::SeedRangeSampler`."""
+    pids = []
+    for pid in _descendants(os.getpid()):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(b"ray::SeedRangeSampler"):
+            pids.append(pid)
+    return sorted(pids)
+
+
+def test_a_killed_actor_is_replaced_and_every_seed_is_sampled_once(checkpoint, ray_cluster):
+    store, cfg, ckpt = checkpoint
+    sc = SampleConfig(
+        num_images=8, steps=30, images_per_task=1, batch_size=1, num_workers=2, max_restarts=2
+    )
+    prefix = layout.sample_set_prefix(ckpt.run_id, sample_set_name(ckpt, sc, repeats=2))
+    assert sample_set_name(ckpt, sc, repeats=2) != sample_set_name(ckpt, sc)
+    seen: dict[str, object] = {}
+    stop = threading.Event()
+
+    def kill_one_actor_after_the_first_shard() -> None:
+        while not stop.is_set():
+            pids = _sampler_actor_pids()
+            if pids and store.exists(layout.sample_receipt(prefix, 0)):
+                seen["manifest_before"] = store.exists(layout.sample_manifest(prefix))
+                seen["receipts_before"] = sum(
+                    k.endswith(".json") for k in store.list(prefix) if "/shard-" in k
+                )
+                os.kill(pids[0], signal.SIGKILL)
+                seen["killed"] = pids[0]
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_one_actor_after_the_first_shard)
+    killer.start()
+    try:
+        result = sample_images(store, sc, cfg.ray, ckpt, repeats=2)
+    finally:
+        stop.set()
+        killer.join()
+
+    assert "killed" in seen and seen["manifest_before"] is False
+    assert 1 <= seen["receipts_before"] < 16  # type: ignore[operator]  # the kill cut the job
+    assert result.repeats == 2 and result.seed_ranges() == [(0, 8), (8, 16)]
+    assert [s.seed_start for s in result.repeat_shards(1)] == list(range(8, 16))
+    seeds = [
+        json.loads(s["json"])["seed"]
+        for s in iter_raw_samples(store, [s.key for s in result.shards])
+    ]
+    assert sorted(seeds) == list(range(16)) and len(seeds) == 16  # every seed exactly once
+    # The same bytes as an uninterrupted run of the same ranges in this process.
+    sampler = SeedRangeSampler(store.config, ckpt, result.weights_key, sc)
+    for n, shard in enumerate(result.shards):
+        again, _ = sampler.run(shard.seed_start, shard.seed_stop, f"u/{n}.tar", f"u/{n}.json")
+        assert again.sha256 == shard.sha256 == store.sha256(shard.key)
+
+    # A rerun of an incomplete set redoes only the missing range.
+    stamps = {s.key: store.fs.info(store.path(s.key))["mtime"] for s in result.shards}
+    store.delete(result.key)
+    store.delete(result.shards[5].key)
+    again_set = sample_images(store, sc, cfg.ray, ckpt, repeats=2)
+    assert again_set.shards == result.shards
+    changed = [k for k, t in stamps.items() if store.fs.info(store.path(k))["mtime"] != t]
+    assert changed == [result.shards[5].key]

@@ -96,6 +96,7 @@ def _layout_keys() -> tuple[list[str], set[str]]:
         L["sample_shard"](samples, 0),
         L["sample_receipt"](samples, 0),
         L["sample_manifest"](samples),
+        L["sample_features"](samples, sha, 0),
         L["eval_metrics"](evals),
         L["eval_grid"](evals),
         L["eval_report"](evals),
