@@ -179,8 +179,10 @@ def test_clusters_run_the_locked_ray_on_gpus_with_token_auth_and_their_own_stora
     assert len(images) == 1, f"every Ray container runs the pipeline image, found {images}"
 
 
-def test_the_rayjob_runs_the_nightly_with_a_config_that_loads():
+def test_the_rayjob_runs_the_nightly_with_a_config_that_loads(monkeypatch):
     from tasks.config import load_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
 
     (job,) = [d for _, d in _k8s_docs() if d["kind"] == "RayJob"]
     argv = shlex.split(job["spec"]["entrypoint"])
