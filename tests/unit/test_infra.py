@@ -410,7 +410,9 @@ def test_the_launcher_config_matches_rays_schema_and_sizes_its_disks():
 
 
 PLACEHOLDER = re.compile(
-    r"REPLACE|your-org|FILL-IN|CHANGE-?ME|123456789012|XXXX|<[a-z][\w-]*>|example\.com", re.I
+    # example values: a registry org, a key, an account id, a cluster-internal service name
+    r"REPLACE|your-org|FILL-IN|CHANGE-?ME|123456789012|XXXX|<[a-z][\w-]*>|example\.com|\.svc\b",
+    re.I,
 )
 PLACEHOLDER_FILES = [
     INFRA / "ray-cluster.yaml",
