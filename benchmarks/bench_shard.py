@@ -49,6 +49,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--small", type=int, default=5_000, help="the smaller count for driver RSS")
     p.add_argument("--reps", type=int, default=3, help="timed runs per contender")
     p.add_argument("--no-s3", action="store_true", help="skip the S3 test server part")
+    p.add_argument(
+        "--s3-files", type=int, default=None, help="files in the bucket (default: --files)"
+    )
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default="shard.md", help="file name under benchmarks/results/")
     # internal: one driver run in a fresh process, for its peak RSS
@@ -260,6 +263,7 @@ def s3_part(
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     for bucket in ("source", "store"):
         s3.create_bucket(Bucket=bucket)
+    files = files[: args.s3_files or len(files)]
     keys = [f"mnist/{p.relative_to(folder)}" for p in files]
     with ThreadPoolExecutor(16) as pool:
         list(
@@ -283,8 +287,9 @@ def s3_part(
     times = interleave(runs, reps)
     rate = {k: len(keys) / statistics.median(v) for k, v in times.items()}
     rows = table("S3 (moto_server) -> S3", len(keys), rate, times)
-    small, big = (driver_rss(source, store(f"rss{c}"), c, gcs) for c in (args.small, len(keys)))
-    rows.append(rss_row("S3 (moto_server) -> S3", args.small, len(keys), small, big))
+    sizes = (min(args.small, len(keys) // 4), len(keys))
+    small, big = (driver_rss(source, store(f"rss{c}"), c, gcs) for c in sizes)
+    rows.append(rss_row("S3 (moto_server) -> S3", sizes[0], sizes[1], small, big))
     return rows
 
 

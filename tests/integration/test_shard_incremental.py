@@ -26,7 +26,9 @@ def _splits(store, manifest):
 
 
 def _shards(manifest):
-    return {split: [(s.key, s.sha256) for s in info.shards] for split, info in manifest.splits.items()}
+    return {
+        split: [(s.key, s.sha256) for s in info.shards] for split, info in manifest.splits.items()
+    }
 
 
 def test_a_grown_folder_rewrites_only_the_chunks_it_changed(tmp_path):

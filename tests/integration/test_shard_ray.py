@@ -15,6 +15,7 @@ import pytest
 from tasks.config import DataConfig, StorageConfig
 from tasks.records import DatasetManifest
 from tasks.shard import shard_dataset, verify_manifest
+from tasks.sources import BadImageError
 from tasks.storage import Store
 from tests.integration.imagefolders import make_folder
 
@@ -39,7 +40,9 @@ def test_ray_workers_and_s3_give_the_same_shards(ray_cluster, tmp_path, s3_stora
     for p in paths:
         s3.upload_file(str(p), bucket, f"source/imgs/{p.relative_to(root)}")
     store = Store(s3_storage)
-    s3_cfg = cfg.model_copy(update={"dataset": f"imagefolder:s3://{bucket}/source/imgs/", "workers": 2})
+    s3_cfg = cfg.model_copy(
+        update={"dataset": f"imagefolder:s3://{bucket}/source/imgs/", "workers": 2}
+    )
     from_s3 = shard_dataset(s3_cfg, store)
     # another source (ETags, not mtimes, name the chunks), the same images: the same bytes
     assert _hashes(from_s3.manifest) == _hashes(reference) and from_s3.written > 0
@@ -48,22 +51,44 @@ def test_ray_workers_and_s3_give_the_same_shards(ray_cluster, tmp_path, s3_stora
     s3.upload_file(str(paths[0]), bucket, "source/imgs/a/0000x.png")  # the bucket grows
     grown = shard_dataset(s3_cfg, store)
     assert grown.written == 1 and grown.kept == from_s3.written - 1
+    # a broken object: the task's error, unwrapped from Ray's, names it
+    s3.put_object(Bucket=bucket, Key="source/imgs/b/0000y.png", Body=b"\x89PNG junk")
+    with pytest.raises(BadImageError, match=rf"s3://{bucket}/source/imgs/b/0000y\.png cannot be"):
+        shard_dataset(s3_cfg, store)
 
 
 def _shards_of(manifest: DatasetManifest) -> dict[str, list[tuple[str, str]]]:
     return {s: [(x.key, x.sha256) for x in i.shards] for s, i in manifest.splits.items()}
 
 
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _descends_from_us(pid: int) -> bool:
+    """Whether `pid` is a process of this test's own Ray cluster (a grandchild of this process,
+    via the raylet), not of another Ray cluster on the machine."""
+    while pid > 1:
+        if pid == os.getpid():
+            return True
+        pid = _parent(pid)
+    return False
+
+
 def _shard_task_pids() -> list[int]:
-    """Ray worker processes running a shard task right now (Ray titles them ray::<task>)."""
+    """This cluster's worker processes running a shard task right now (Ray titles them
+    ray::<task>)."""
     pids = []
     for entry in Path("/proc").iterdir():
         try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(
-                b"ray::write_chunk"
+            if (
+                entry.name.isdigit()
+                and (entry / "cmdline").read_bytes().startswith(b"ray::write_chunk")
+                and _descends_from_us(int(entry.name))
             ):
                 pids.append(int(entry.name))
-        except OSError:
+        except (OSError, ValueError, IndexError):
             continue
     return pids
 
@@ -71,9 +96,7 @@ def _shard_task_pids() -> list[int]:
 def test_a_shard_task_killed_mid_shard(ray_cluster, tmp_path):
     root = tmp_path / "imgs"
     make_folder(root, 150, classes=("a", "b"), size=64)
-    cfg = DataConfig(
-        dataset=f"imagefolder:{root}", image_size=16, samples_per_shard=60, workers=2
-    )
+    cfg = DataConfig(dataset=f"imagefolder:{root}", image_size=16, samples_per_shard=60, workers=2)
     reference = shard_dataset(
         cfg.model_copy(update={"workers": 0}), Store(StorageConfig(root=str(tmp_path / "ref")))
     ).manifest
