@@ -15,10 +15,10 @@ The challenger is promoted iff
 
 a one-sided Welch t-test at level `promote.alpha` (default 0.05). With k = 3 each standard deviation
 rests on 2 degrees of freedom, so a fixed "2 standard errors" would promote an equally good model
-on ~6-9% of nights (Student t with 2-4 df) instead of the ~2% a normal model suggests; the t quantile
-(2.1-2.9 standard errors at k = 3) keeps that rate at alpha for any k. The two evaluations share
-their seeds, which correlates their scores positively; the unpaired test ignores that, so it errs
-on the side of keeping the champion. With k = 1 no noise was measured: the challenger is promoted
+on 5.8% of nights (9.2% at k = 2; simulated) instead of the 2.3% a normal model suggests; the t
+quantile (2.1-2.9 standard errors at k = 3) keeps that rate at or below alpha for any k. The two
+evaluations share their seeds, which correlates their scores positively; the unpaired test ignores
+that, so it errs on the side of keeping the champion. With k = 1 no noise was measured: the challenger is promoted
 only past `promote.min_improvement` (a fraction of the champion's value) when that is set, and
 otherwise never promoted over a champion; the reason says so.
 """

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,21 @@ def test_cli_nightly_prints_report_and_fid(tmp_path):
     for noise in ("Started a local Ray instance", "Token authentication", "temporary server"):
         assert noise not in run.stdout + run.stderr, noise
     assert re.search(r"\[2/6\] train done in", run.stderr)  # the stage progress lines
+
+    # the report as Prefect artifacts, read from the ephemeral API's own database in PREFECT_HOME
+    with closing(sqlite3.connect(tmp_path / "prefect" / "prefect.db")) as db:
+        artifacts = dict(db.execute("SELECT key, data FROM artifact WHERE key LIKE 'nightly-%'"))
+    assert set(artifacts) == {
+        "nightly-report",
+        "nightly-metrics",
+        "nightly-stages",
+        "nightly-report-html",
+        "nightly-progress",
+    }
+    data = {k: json.loads(v) if isinstance(v, str) else v for k, v in artifacts.items()}
+    assert "## Promotion decision" in data["nightly-report"]
+    assert json.loads(data["nightly-metrics"])[0]["metric"] == "fid"  # a table is JSON in JSON
+    assert data["nightly-progress"] == 100  # every stage done
 
     # the champion, and a rollback that has nothing to restore after one night
     promote = [cmd[0], "promote", f"storage.root={store}"]
