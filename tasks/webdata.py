@@ -75,6 +75,11 @@ def decode_png(data: bytes, channels: int) -> np.ndarray:
 
 
 _BLOCK = 512
+# The byte sum of a ustar header's fixed fields (the checksum field counted as 8 spaces): a
+# header's checksum is this plus the sums of its name and size fields.
+_HEADER_SUM = sum(
+    b"0000444\x00" + b"0000000\x00" * 2 + b"00000000000\x00" + b" " * 8 + b"0" + b"ustar\x0000"
+)
 
 
 def _tar_header(name: str, size: int) -> bytes:
@@ -87,14 +92,22 @@ def _tar_header(name: str, size: int) -> bytes:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = size, 0, 0o444
         return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    header = bytearray(_BLOCK)
-    header[: len(encoded)] = encoded
-    header[100:148] = b"0000444\0" b"0000000\0" b"0000000\0" + b"%011o\0" % size + b"00000000000\0"
-    header[148:156] = b" " * 8  # the checksum counts its own field as spaces
-    header[156:157] = b"0"  # a regular file
-    header[257:265] = b"ustar\x0000"
-    header[148:156] = b"%06o\0 " % sum(header)
-    return bytes(header)
+    size_field = b"%011o\x00" % size
+    checksum = _HEADER_SUM + sum(encoded) + sum(size_field)
+    return b"".join(
+        (
+            encoded,
+            bytes(100 - len(encoded)),
+            b"0000444\x00" + b"0000000\x00" * 2,  # mode, uid, gid
+            size_field,
+            b"00000000000\x00",  # mtime
+            b"%06o\x00 " % checksum,
+            b"0",  # a regular file
+            bytes(100),  # no link name
+            b"ustar\x0000",
+            bytes(_BLOCK - 265),
+        )
+    )
 
 
 def write_shard(store: Store, key: str, samples: Iterable[RawSample]) -> ShardInfo:
