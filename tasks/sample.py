@@ -356,7 +356,7 @@ def _run_pool(
     """Run the `pending` ranges on an actor pool; their receipts by range index."""
     ensure_ray(ray_cfg)
     bundle = {"CPU": cfg.cpus_per_task, **({"GPU": 1.0} if cfg.use_gpu else {})}
-    check_resources(ray_cfg, bundle, 1, "a sampling actor")
+    check_resources(ray_cfg, bundle, 1, "a sampling task")
     import ray
     from ray.util import ActorPool
 

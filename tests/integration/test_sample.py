@@ -159,7 +159,7 @@ def _sampler_actor_pids() -> list[int]:
 def test_a_killed_actor_is_replaced_and_every_seed_is_sampled_once(checkpoint, ray_cluster):
     store, cfg, ckpt = checkpoint
     sc = SampleConfig(
-        num_images=8, steps=30, images_per_task=1, batch_size=1, num_workers=2, max_restarts=2
+        num_images=12, steps=30, images_per_task=1, batch_size=1, num_workers=2, max_restarts=2
     )
     prefix = layout.sample_set_prefix(ckpt.run_id, sample_set_name(ckpt, sc, repeats=2))
     assert sample_set_name(ckpt, sc, repeats=2) != sample_set_name(ckpt, sc)
@@ -188,14 +188,14 @@ def test_a_killed_actor_is_replaced_and_every_seed_is_sampled_once(checkpoint, r
         killer.join()
 
     assert "killed" in seen and seen["manifest_before"] is False
-    assert 1 <= seen["receipts_before"] < 16  # type: ignore[operator]  # the kill cut the job
-    assert result.repeats == 2 and result.seed_ranges() == [(0, 8), (8, 16)]
-    assert [s.seed_start for s in result.repeat_shards(1)] == list(range(8, 16))
+    assert 1 <= seen["receipts_before"] < 24  # type: ignore[operator]  # the kill cut the job
+    assert result.repeats == 2 and result.seed_ranges() == [(0, 12), (12, 24)]
+    assert [s.seed_start for s in result.repeat_shards(1)] == list(range(12, 24))
     seeds = [
         json.loads(s["json"])["seed"]
         for s in iter_raw_samples(store, [s.key for s in result.shards])
     ]
-    assert sorted(seeds) == list(range(16)) and len(seeds) == 16  # every seed exactly once
+    assert sorted(seeds) == list(range(24)) and len(seeds) == 24  # every seed exactly once
     # The same bytes as an uninterrupted run of the same ranges in this process.
     sampler = SeedRangeSampler(store.config, ckpt, result.weights_key, sc)
     for n, shard in enumerate(result.shards):

@@ -1,0 +1,171 @@
+"""Quality proxy on real data: train on the MNIST test set (28x28) and score FID at several steps.
+
+The pipeline as it runs at night, on one machine: shard (MNIST test set, `data.source_split=test`),
+train (resuming run to each step), sample (the Ray actor pool) and evaluate (the Ray feature pool)
+against the held-out split. The FID uses the seeded STAND-IN InceptionV3 (the standard weights
+cannot be had here): its numbers are NOT comparable with published FIDs, only with each other.
+It must fall as training proceeds; the sample grid of the last step must show digits.
+
+    uv run python benchmarks/bench_quality_mnist.py            # ~15 min on 2 CPU cores
+    uv run python benchmarks/bench_quality_mnist.py --quick    # ~4 min
+    MNIST_DIR=/path/with/t10k-images-idx3-ubyte.gz uv run python benchmarks/bench_quality_mnist.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
+from tasks.config import PipelineConfig  # noqa: E402
+from tasks.evaluate_ray import evaluate  # noqa: E402
+from tasks.ray_runtime import ensure_ray  # noqa: E402
+from tasks.sample import sample_images  # noqa: E402
+from tasks.shard import shard_dataset  # noqa: E402
+from tasks.storage import open_store  # noqa: E402
+from tasks.train_loop import TrainJob, run_training  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer steps, samples and references")
+    p.add_argument("--steps", type=int, nargs="+", help="training steps to evaluate at")
+    p.add_argument("--samples", type=int, help="sampled images per evaluation")
+    p.add_argument("--reference", type=int, help="held-out images for the reference statistics")
+    p.add_argument("--out", default="quality_mnist.md", help="file name under benchmarks/results/")
+    return p.parse_args()
+
+
+def mnist_root(work: Path) -> Path:
+    """torchvision's layout (<root>/MNIST/raw/) over the shared IDX files."""
+    src = Path(os.environ.get("MNIST_DIR", DEFAULT_MNIST))
+    raw = work / "mnist" / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        if not (src / name).is_file():
+            raise SystemExit(f"{src / name} not found: set MNIST_DIR to the shared mnist folder")
+        if not (raw / name).exists():
+            (raw / name).symlink_to(src / name)
+    return work / "mnist"
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    steps = args.steps or ([30, 150, 400] if args.quick else [50, 200, 600, 1500])
+    n_samples = args.samples or (96 if args.quick else 256)
+    n_reference = args.reference or (128 if args.quick else 500)
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    try:
+        cfg = PipelineConfig.model_validate(
+            {
+                "storage": {"root": str(work / "store")},
+                "data": {
+                    "dataset": "mnist",
+                    "root": str(mnist_root(work)),
+                    "source_split": "test",
+                    "samples_per_shard": 1000,
+                },
+                "model": {
+                    "base_channels": 16,
+                    "channel_mult": [1, 2, 2],
+                    "attention_resolutions": [7],
+                },
+                "train": {
+                    "run_id": "mnist-quality",
+                    "batch_size": 32,
+                    "lr": 2e-3,
+                    "warmup_steps": 20,
+                    "ema_decay": 0.99,
+                    "ema_warmup_steps": 20,
+                    "checkpoint_every": 10_000,
+                    "log_every": 50,
+                    "steps": max(steps),
+                },
+                "sample": {
+                    "num_images": n_samples,
+                    "sampler": "dpmpp_2m",
+                    "steps": 20,
+                    "spacing": "logsnr",
+                    "images_per_task": max(16, n_samples // 4),
+                    "batch_size": 64,
+                },
+                "evaluate": {
+                    "metrics": ["fid", "kid"],
+                    "max_reference_images": n_reference,
+                    "batch_size": 32,
+                    "kid_subset_size": min(100, n_samples),
+                    "grid_images": 64,
+                },
+                "ray": {"num_cpus": os.cpu_count() or 2},
+            }
+        )
+        store = open_store(cfg.storage)
+        manifest = shard_dataset(cfg.data, store).manifest
+        ensure_ray(cfg.ray)
+        rows = []
+        t_start = time.monotonic()
+        for step in steps:
+            t0 = time.monotonic()
+            ckpt = run_training(
+                TrainJob(config=cfg, target_step=step, manifest=manifest)
+            ).checkpoint
+            t_train = time.monotonic() - t0
+            samples = sample_images(store, cfg.sample, cfg.ray, ckpt)
+            t1 = time.monotonic()
+            m = evaluate(store, cfg.evaluate, cfg.ray, manifest, samples).metrics
+            t_eval = time.monotonic() - t1
+            rows.append((step, m.fid, m.kid_mean, t_train, t_eval))
+            print(f"step {step}: FID {m.fid:.4f}  KID {m.kid_mean:.5f}", flush=True)
+            grid = store.read_bytes(m.grid_key)
+        (RESULTS_DIR / "quality_mnist_grid.png").write_bytes(grid)
+        fids = [r[1] for r in rows]
+        falls = all(b < a for a, b in zip(fids, fids[1:], strict=False))
+        holdout = manifest.split("holdout").count
+        body = "\n".join(
+            [
+                "**Stand-in extractor:** a seeded, He-initialised torch-fidelity InceptionV3 "
+                f"({m.extractor.label}, sha256 `{m.extractor.weights_sha256[:16]}`): these FIDs "
+                "are NOT comparable with published FIDs, only with each other.",
+                "",
+                f"Data: the MNIST test set (10,000 digits, 28x28), sharded with `data.source_split="
+                f"test`: {manifest.split('train').count} training and {holdout} held-out images. "
+                f"Model: UNet base 16, mult (1, 2, 2), attention at 7x7, batch 32, lr 2e-3, EMA "
+                f"0.99. Samples: {n_samples} per step, DPM-Solver++ 2M, 20 steps, logsnr spacing, "
+                f"EMA weights. Reference: {m.num_reference_images} held-out images.",
+                "",
+                "| training step | FID (stand-in) | KID (stand-in) | train s | evaluate s |",
+                "|---|---|---|---|---|",
+                *(
+                    f"| {s} | {fid:.4f} | {kid:.5f} | {tt:.0f} | {te:.0f} |"
+                    for s, fid, kid, tt, te in rows
+                ),
+                "",
+                f"**FID falls at every step: {'yes' if falls else 'NO'}**; last / first = "
+                f"{fids[-1] / fids[0]:.3f}. Total {time.monotonic() - t_start:.0f} s. Sample "
+                f"grid at step {steps[-1]}: `quality_mnist_grid.png`.",
+                "",
+                f"![samples at step {steps[-1]}](quality_mnist_grid.png)",
+                "",
+                f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f}",
+            ]
+        )
+        path = write_results(args.out, "Quality proxy: MNIST FID over training", "cpu", body)
+        print(f"FID falls: {falls}; last/first = {fids[-1] / fids[0]:.3f}; wrote {path}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
