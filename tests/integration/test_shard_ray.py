@@ -19,6 +19,8 @@ from tasks.sources import BadImageError
 from tasks.storage import Store
 from tests.integration.imagefolders import make_folder
 
+pytestmark = pytest.mark.slow  # a Ray cluster, an S3 server process, a SIGKILLed task
+
 
 def _hashes(manifest: DatasetManifest) -> dict[str, list[str]]:
     return {split: [s.sha256 for s in info.shards] for split, info in manifest.splits.items()}
