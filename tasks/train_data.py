@@ -18,6 +18,7 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from itertools import count, islice
 
+import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -130,7 +131,7 @@ class RankBatches(IterableDataset[Batch]):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         samples = stream_samples(
-            open_store(self.storage),
+            open_store(self.storage) if info is None else _store_after_fork(self.storage),
             self.shards,
             self.rank,
             self.world_size,
@@ -145,6 +146,14 @@ class RankBatches(IterableDataset[Batch]):
             step = self.start_step + i
             flip = hflip_mask(self.seed, self.rank, step, self.batch_size) if self.hflip else None
             yield decode_batch(raw, self.channels, flip)
+
+
+def _store_after_fork(cfg: StorageConfig) -> Store:
+    """A store of this data worker's own: the connections (and s3fs's event loop) of the one it
+    was forked with belong to the training process, and s3fs refuses to run them here."""
+    if not cfg.is_local:
+        fsspec.get_filesystem_class("s3").clear_instance_cache()
+    return Store(cfg)
 
 
 def load_batches(

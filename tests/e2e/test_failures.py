@@ -12,9 +12,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
+from diffusion_core.checkpoint import load_checkpoint
 from tasks import layout
 from tasks.config import load_config
 from tasks.records import Checkpoint
@@ -139,6 +142,12 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _final_state(store: Store, run_id: str) -> dict[str, Any]:
+    latest = Checkpoint.latest(store, run_id)
+    assert latest is not None
+    return load_checkpoint(latest.read_bytes(store))
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 def test_a_killed_run_leaves_nothing_behind_and_resumes(tmp_path, tmpdir_short):
     store_root = tmp_path / "store"
@@ -173,11 +182,36 @@ def test_a_killed_run_leaves_nothing_behind_and_resumes(tmp_path, tmpdir_short):
     assert not [p for p in started if _alive(p)], "processes of the killed run still run"
     assert not list(tmpdir_short.glob(f"diffpipe-{proc.pid}-*"))
 
-    store = Store(load_config(None, args[1:]).storage)
+    cfg = load_config(None, args[1:])
+    store = Store(cfg.storage)
     killed_at = Checkpoint.latest(store, "nightly")
     assert killed_at is not None and 0 < killed_at.step < 400
-    again = _run(args, tmp_path)
+    again = _run(args, tmp_path, tmpdir=tmpdir_short)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(step 400)" in again.stdout
     assert f"resuming run nightly from step {killed_at.step} to 400" in again.stderr
     assert "step 400/400" in again.stderr  # the driver shows rank 0's progress
+    deadline = time.monotonic() + 30  # the watchdog tidies up once the run has ended
+    while list(tmpdir_short.glob("diffpipe-*")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not list(tmpdir_short.glob("diffpipe-*"))
+
+    # Bitwise the run that was never killed (one worker of one thread, as train.num_workers=1 and
+    # train.cpus_per_worker=1 run it under Ray).
+    straight = cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_id": "straight"})})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        manifest = shard_dataset(cfg.data, store).manifest
+        run_training(TrainJob(config=straight, target_step=400, manifest=manifest))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (_final_state(store, run_id) for run_id in ("straight", "nightly"))
+    assert a["step"] == b["step"] == 400
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+    for sa, sb in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])

@@ -1,0 +1,218 @@
+"""Is the data off the critical path? Two measurements, each against what the trainer consumes.
+
+1. Data wait: the fraction of step time a training run spends waiting for its next batch (the
+   `data_wait` of its logging windows, `runs/<id>/logs/history.json`), for the Quickstart config
+   (`digits`, the default model and batch, Ray Train with 2 workers of 1 CPU) and for the
+   end-to-end benchmark's config (MNIST 28x28, `bench_train_e2e.py`, one worker in-process). The
+   first window (it holds the data workers' start) is reported apart.
+2. The loader alone: `RankBatches` through `load_batches` (the same background data worker a
+   rank uses), reading the shards from the S3 test server (moto, on loopback), in images/s,
+   against the images/s the trainer consumed in the same config (1.).
+
+    uv run python benchmarks/bench_train_data.py           # ~5 min on 2 cores
+    uv run python benchmarks/bench_train_data.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import write_results  # noqa: E402
+from tasks import layout  # noqa: E402
+from tasks.config import PipelineConfig, resolve_config  # noqa: E402
+from tasks.records import DatasetManifest, LogWindow, TrainHistory  # noqa: E402
+from tasks.shard import shard_dataset  # noqa: E402
+from tasks.storage import Store  # noqa: E402
+from tasks.train import train  # noqa: E402
+from tasks.train_data import RankBatches, load_batches  # noqa: E402
+from tasks.train_loop import TrainJob, run_training  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DIFFPIPE_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quickstart-steps", type=int, default=200)
+    p.add_argument("--bench-steps", type=int, default=40)
+    p.add_argument("--loader-batches", type=int, default=200)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default="train_data.md", help="file name under benchmarks/results/")
+    args = p.parse_args()
+    if args.quick:
+        args.quickstart_steps, args.bench_steps, args.loader_batches = 40, 10, 40
+    return args
+
+
+def start_s3() -> tuple[object, str]:
+    """A moto S3 server on loopback (the test suite's S3 test server) and a fresh bucket."""
+    sys.path.insert(0, str(REPO))
+    import boto3
+
+    from tests.conftest import free_port, start_moto
+
+    port = free_port()
+    proc = start_moto(port)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    bucket = f"bench-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    return proc, f"s3://{bucket}/pipeline|{endpoint}"
+
+
+def config(tree: dict[str, object]) -> PipelineConfig:
+    return resolve_config(PipelineConfig.model_validate(tree))
+
+
+def windows(store: Store, run_id: str) -> list[LogWindow]:
+    return TrainHistory.read(store, layout.train_history(run_id)).windows
+
+
+def loader_rate(
+    store: Store, cfg: PipelineConfig, manifest: DatasetManifest, batches: int
+) -> float:
+    """Images/s one rank's background loader delivers, reading from `store`."""
+    tc = cfg.train
+    dataset = RankBatches(
+        storage=store.config,
+        shards=manifest.split("train").shards,
+        rank=0,
+        world_size=tc.num_workers,
+        seed=tc.seed,
+        shuffle_buffer=tc.shuffle_buffer,
+        batch_size=tc.batch_size,
+        channels=manifest.channels,
+        hflip=cfg.data.hflip,
+    )
+    stream = load_batches(dataset, tc.data_workers, torch.device("cpu"))
+    next(stream)  # the worker's start is not the rate
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    seconds = time.perf_counter() - start
+    stream.close()
+    return batches * tc.batch_size / seconds
+
+
+def row(name: str, ws: list[LogWindow]) -> tuple[str, float, float]:
+    steady = ws[1:] or ws
+    wait = statistics.mean(w.data_wait for w in steady)
+    ips = statistics.median(w.images_per_s for w in steady)
+    line = (
+        f"| {name} | {100 * ws[0].data_wait:.1f}% | {100 * wait:.2f}% "
+        f"({', '.join(f'{100 * w.data_wait:.1f}' for w in steady)}) | {ips:.0f} |"
+    )
+    return line, wait, ips
+
+
+def main() -> None:
+    args = parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    proc, s3 = start_s3()
+    root, endpoint = s3.split("|")
+    load_before = os.getloadavg()[0]
+    try:
+        # The Quickstart's config (defaults), its training on Ray with 2 workers, data on S3.
+        quick_cfg = config(
+            {
+                "storage": {"root": root, "endpoint_url": endpoint},
+                "train": {"steps": args.quickstart_steps, "run_id": "quickstart"},
+                "ray": {"num_cpus": 2},
+            }
+        )
+        store = Store(quick_cfg.storage)
+        quick_manifest = shard_dataset(quick_cfg.data, store).manifest
+        train(quick_cfg, store, quick_manifest)
+        quick_line, quick_wait, quick_ips = row(
+            "Quickstart (`digits` 8x8, batch 64 x 2 Ray workers)", windows(store, "quickstart")
+        )
+        quick_loader = loader_rate(store, quick_cfg, quick_manifest, args.loader_batches)
+
+        # The end-to-end benchmark's config, one worker in-process (1 torch thread).
+        bench_cfg = config(
+            {
+                "storage": {"root": str(work / "store")},
+                "data": {
+                    "dataset": "mnist",
+                    "root": str(DATA / "mnist"),
+                    "source_split": "test",
+                    "max_images": 4000,
+                },
+                "model": {
+                    "base_channels": 32,
+                    "channel_mult": [1, 2, 2],
+                    "attention_resolutions": [7],
+                },
+                "train": {
+                    "batch_size": 64,
+                    "log_every": 10,
+                    "checkpoint_every": 20,
+                    "run_id": "bench",
+                },
+            }
+        )
+        bench_store = Store(bench_cfg.storage)
+        bench_manifest = shard_dataset(bench_cfg.data, bench_store).manifest
+        torch.set_num_threads(1)
+        run_training(
+            TrainJob(config=bench_cfg, target_step=args.bench_steps, manifest=bench_manifest)
+        )
+        bench_line, bench_wait, bench_ips = row(
+            "benchmark config (MNIST 28x28, batch 64, 1 worker, 1 thread)",
+            windows(bench_store, "bench"),
+        )
+        # Its loader reading the same shards from the S3 test server.
+        s3_bench = bench_cfg.model_copy(update={"storage": store.config})
+        s3_manifest = shard_dataset(bench_cfg.data, store).manifest
+        bench_loader = loader_rate(
+            Store(s3_bench.storage), s3_bench, s3_manifest, args.loader_batches
+        )
+    finally:
+        proc.terminate()  # type: ignore[attr-defined]
+    load_after = os.getloadavg()[0]
+
+    print(
+        f"data wait: Quickstart {100 * quick_wait:.2f}%, benchmark config {100 * bench_wait:.2f}%; "
+        f"loader from S3 / trainer: Quickstart {quick_loader:.0f}/{quick_ips / 2:.0f} img/s per rank = "
+        f"{quick_loader / (quick_ips / 2):.1f}x, benchmark config {bench_loader:.0f}/{bench_ips:.0f} img/s = "
+        f"{bench_loader / bench_ips:.1f}x"
+    )
+    body = "\n".join(
+        [
+            f"1-minute load average: {load_before:.2f} before, {load_after:.2f} after.",
+            "",
+            "Data wait (fraction of step time a rank waits for its next batch, mean over ranks):",
+            "",
+            "| config | first window (data worker start) | later windows: mean (each, %) | trainer img/s (all ranks, median) |",
+            "|---|---|---|---|",
+            quick_line,
+            bench_line,
+            "",
+            "The loader alone (one rank's `load_batches`, 1 background data worker, shards on the "
+            "S3 test server) against what one rank of the trainer consumed:",
+            "",
+            "| config | loader img/s | trainer img/s per rank | ratio |",
+            "|---|---|---|---|",
+            f"| Quickstart | {quick_loader:.0f} | {quick_ips / 2:.0f} | **{quick_loader / (quick_ips / 2):.1f}x** |",
+            f"| benchmark config | {bench_loader:.0f} | {bench_ips:.0f} | **{bench_loader / bench_ips:.1f}x** |",
+        ]
+    )
+    path = write_results(args.out, "Training data path", "cpu", body)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
