@@ -56,15 +56,14 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train
         world_size=world,
         device=device,
         wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
-        report=lambda window: _report(window, rank, progress),
+        report=lambda metrics: _report(metrics, rank, progress),
     )
 
 
-def _report(window: LogWindow, rank: int, progress: Any) -> None:
+def _report(metrics: dict[str, float], rank: int, progress: Any) -> None:
     """Every rank reports to Ray Train; rank 0 also tells the driver, which shows the progress."""
     import ray.train
 
-    metrics = window.model_dump()
     ray.train.report(metrics)
     if rank == 0:
         progress.put({"window": metrics})

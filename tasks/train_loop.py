@@ -162,7 +162,7 @@ def run_training(
     world_size: int = 1,
     device: torch.device | None = None,
     wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    report: Callable[[LogWindow], None] | None = None,
+    report: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train up to `job.target_step`, resuming from the latest checkpoint (rank 0 saves)."""
     device = device or torch.device("cpu")
@@ -293,7 +293,7 @@ def run_training(
                 if run_log is not None:
                     run_log.add(logged)
                 if report:
-                    report(logged)
+                    report(logged.model_dump())  # LogWindow's fields
             if save_now:
                 save_run_checkpoint(store, job, unet_cfg, net, ema, opt, done)
                 if run_log is not None:

@@ -126,7 +126,11 @@ def test_training_rides_out_an_outage_while_writing_checkpoints(
     dataset = {f"pipeline/{manifest.key}"} | {
         f"pipeline/{s.key}" for split in manifest.splits.values() for s in split.shards
     }
-    assert set(objects) == set(checkpoints) | dataset  # nothing else: no temporary, no partial
+    logs = {f"pipeline/{layout.train_history(run)}"} | {
+        k for k in objects if k.startswith(f"pipeline/{layout.tensorboard_prefix(run)}/")
+    }
+    # nothing else: no temporary, no partial
+    assert set(objects) == set(checkpoints) | dataset | logs
     assert _open_uploads(moto, s3_bucket) == []
     latest = Checkpoint.parse(
         json.loads(objects[f"pipeline/{layout.latest_checkpoint(run)}"]), "latest.json"
