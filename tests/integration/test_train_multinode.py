@@ -1,0 +1,119 @@
+"""Training across nodes: a real two-node Ray cluster on this machine (a head and a worker node of
+one CPU each), one training worker per node (train.placement_strategy=STRICT_SPREAD), shards
+streamed from the S3 test server, and a driver that reaches the cluster as production does,
+through RAY_ADDRESS (the cluster's GCS address), not Ray Client. The nodes get their storage
+credentials from their own environment. The result is bitwise the result of the same world size
+on one node."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from diffusion_core.checkpoint import load_checkpoint
+from tasks.config import load_config
+from tasks.records import Checkpoint
+from tasks.shard import shard_dataset
+from tasks.storage import Store
+from tasks.train import train
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = [
+    "data.max_images=96",
+    "data.samples_per_shard=24",
+    "model.base_channels=8",
+    "model.channel_mult=[1,2]",
+    "model.attention_resolutions=[4]",
+    "train.batch_size=8",
+    "train.steps=8",
+    "train.checkpoint_every=4",
+    "train.log_every=4",
+    "train.warmup_steps=2",
+    "train.ema_warmup_steps=2",
+    "train.num_workers=2",
+    "train.placement_strategy=STRICT_SPREAD",
+]
+
+# The driver as production runs it: its own process, the cluster named by RAY_ADDRESS alone.
+DRIVER = textwrap.dedent(
+    """
+    import logging, sys
+    from tasks.config import load_config
+    from tasks.records import DatasetManifest
+    from tasks.shard import shard_dataset
+    from tasks.storage import Store
+    from tasks.train import train
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    cfg = load_config(None, sys.argv[1:])
+    store = Store(cfg.storage)
+    result = train(cfg, store, shard_dataset(cfg.data, store).manifest)
+    print("final step", result.checkpoint.step)
+    """
+)
+
+
+def _state(store: Store, run_id: str) -> dict:
+    latest = Checkpoint.latest(store, run_id)
+    assert latest is not None
+    return load_checkpoint(latest.read_bytes(store))
+
+
+def test_one_worker_per_node_streaming_from_s3_equals_one_node(s3_storage, ray_cluster):
+    from ray.cluster_utils import Cluster
+
+    storage = [f"storage.root={s3_storage.root}", f"storage.endpoint_url={s3_storage.endpoint_url}"]
+    one_node = load_config(None, [*storage, *OVERRIDES, "train.run_id=one-node"])
+    store = Store(one_node.storage)
+    local = one_node.model_copy(  # the session's one-node cluster has 2 CPUs on one node
+        update={"train": one_node.train.model_copy(update={"placement_strategy": "PACK"})}
+    )
+    train(local, store, shard_dataset(one_node.data, store).manifest)
+
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 1, "include_dashboard": False},
+    )
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        address = cluster.address
+        nodes = {cluster.head_node.node_id, *(n.node_id for n in cluster.worker_nodes)}
+        # The driver's own environment names the cluster; the token of the cluster's
+        # authentication (RAY_AUTH_MODE=token) is this machine's (~/.ray/auth_token).
+        env = os.environ | {"RAY_ADDRESS": address, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+        run = subprocess.run(
+            [sys.executable, "-c", DRIVER, *storage, *OVERRIDES, "train.run_id=multi-node"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        cluster.shutdown()
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "final step 8" in run.stdout
+    assert f"connecting to Ray cluster at {address}" in run.stderr
+    placed = dict(re.findall(r"rank (\d) runs on node (\w+)", run.stderr))
+    assert sorted(placed) == ["0", "1"] and placed["0"] != placed["1"], run.stderr[-4000:]
+    assert set(placed.values()) == nodes
+
+    a, b = _state(store, "one-node"), _state(store, "multi-node")
+    assert a["step"] == b["step"] == 8
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+    for sa, sb in zip(
+        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
+    ):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
