@@ -11,11 +11,14 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -91,16 +94,19 @@ def webhook() -> Iterator[_Webhook]:
 def test_nightly_deployment_on_a_work_pool(tmp_path, webhook):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
+    # A short TMPDIR of its own (Ray's socket paths below it must stay under 108 bytes): the runs'
+    # `ray.init()` must not find and join some other local Ray cluster through /tmp/ray.
+    tmpdir = Path(tempfile.mkdtemp(prefix="dpd-", dir="/tmp"))
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PREFECT_"))},
+        "TMPDIR": str(tmpdir),
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_WORKER_QUERY_SECONDS": "1",  # pick the run up at once, not within 10 s
     }
-    for name in ("RAY_ADDRESS", "DIFFPIPE_HOME"):
-        env.pop(name, None)
+    env.pop("DIFFPIPE_HOME", None)
     logs = tmp_path / "logs"
     logs.mkdir()
     procs: list[subprocess.Popen[bytes]] = []
@@ -117,7 +123,7 @@ def test_nightly_deployment_on_a_work_pool(tmp_path, webhook):
         procs.append(proc)
         return proc
 
-    def run(*argv: str, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+    def run(*argv: str, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             argv, env=kw.pop("env", env), capture_output=True, text=True, timeout=timeout, **kw
         )
@@ -237,7 +243,14 @@ def test_nightly_deployment_on_a_work_pool(tmp_path, webhook):
         assert "nightly run" in note["subject"] and "Failed" in note["subject"], note
         assert message in note["body"], note
 
-        serve_check = _api(f"{api}/deployments/name/nightly/serve-check")
+        deadline = time.monotonic() + 120  # registered long ago, unless the machine is crawling
+        while True:
+            try:
+                serve_check = _api(f"{api}/deployments/name/nightly/serve-check")
+                break
+            except urllib.error.HTTPError as err:
+                assert err.code == 404 and time.monotonic() < deadline, tail("serve")
+                time.sleep(2)
         assert serve_check["schedules"][0]["schedule"]["cron"] == "0 2 * * *", tail("serve")
     finally:
         for proc in reversed(procs):  # each with the processes it started (its group)
@@ -249,3 +262,4 @@ def test_nightly_deployment_on_a_work_pool(tmp_path, webhook):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+        shutil.rmtree(tmpdir, ignore_errors=True)
