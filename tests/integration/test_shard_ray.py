@@ -28,13 +28,12 @@ def _hashes(manifest: DatasetManifest) -> dict[str, list[str]]:
 
 def test_ray_workers_and_s3_give_the_same_shards(ray_cluster, tmp_path, s3_storage):
     root = tmp_path / "imgs"
-    paths = make_folder(root, 40, classes=("a", "b", "c"))
-    cfg = DataConfig(dataset=f"imagefolder:{root}", samples_per_shard=16, workers=0)
+    paths = make_folder(root, 24, classes=("a", "b", "c"))
+    cfg = DataConfig(dataset=f"imagefolder:{root}", samples_per_shard=12, workers=0)
     reference = shard_dataset(cfg, Store(StorageConfig(root=str(tmp_path / "s0")))).manifest
-    for workers in (1, 2):
-        store = Store(StorageConfig(root=str(tmp_path / f"s{workers}")))
-        got = shard_dataset(cfg.model_copy(update={"workers": workers}), store).manifest
-        assert _shards_of(got) == _shards_of(reference)
+    store = Store(StorageConfig(root=str(tmp_path / "s2")))
+    got = shard_dataset(cfg.model_copy(update={"workers": 2}), store).manifest
+    assert _shards_of(got) == _shards_of(reference) and len(got.split("train").shards) >= 4
 
     # the same folder in a bucket, read by Ray tasks, written to another bucket
     bucket = s3_storage.root.removeprefix("s3://").split("/")[0]
@@ -52,7 +51,8 @@ def test_ray_workers_and_s3_give_the_same_shards(ray_cluster, tmp_path, s3_stora
     assert verify_manifest(store, from_s3.manifest) == []
     s3.upload_file(str(paths[0]), bucket, "source/imgs/a/0000x.png")  # the bucket grows
     grown = shard_dataset(s3_cfg, store)
-    assert grown.written == 1 and grown.kept == from_s3.written - 1
+    # one chunk changed: rewritten (as two, when the new key is itself a boundary); the rest kept
+    assert grown.written in (1, 2) and grown.kept == from_s3.written - 1
     # a broken object: the task's error, unwrapped from Ray's, names it
     s3.put_object(Bucket=bucket, Key="source/imgs/b/0000y.png", Body=b"\x89PNG junk")
     with pytest.raises(BadImageError, match=rf"s3://{bucket}/source/imgs/b/0000y\.png cannot be"):
