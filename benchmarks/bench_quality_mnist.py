@@ -28,6 +28,7 @@ from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
 from tasks.config import PipelineConfig  # noqa: E402
 from tasks.evaluate_ray import evaluate  # noqa: E402
 from tasks.ray_runtime import ensure_ray  # noqa: E402
+from tasks.records import DatasetManifest, Metrics  # noqa: E402
 from tasks.sample import sample_images  # noqa: E402
 from tasks.shard import shard_dataset  # noqa: E402
 from tasks.storage import open_store  # noqa: E402
@@ -58,6 +59,51 @@ def mnist_root(work: Path) -> Path:
         if not (raw / name).exists():
             (raw / name).symlink_to(src / name)
     return work / "mnist"
+
+
+def report(
+    args: argparse.Namespace,
+    rows: list[tuple[int, float, float, float, float]],
+    label: str,
+    sha: str,
+    manifest: DatasetManifest,
+    m: Metrics,
+    t_start: float,
+) -> None:
+    fids = [r[1] for r in rows]
+    falls = all(b < a for a, b in zip(fids, fids[1:], strict=False))
+    last = rows[-1][0]
+    body = "\n".join(
+        [
+            f"**Stand-in extractor:** a seeded, He-initialised torch-fidelity InceptionV3 ({label}, "
+            f"sha256 `{sha[:16]}`): these FIDs are NOT comparable with published FIDs, only with "
+            "each other.",
+            "",
+            "Data: the MNIST test set (10,000 digits, 28x28), sharded with "
+            f"`data.source_split=test`: {manifest.split('train').count} training and "
+            f"{manifest.split('holdout').count} held-out images. Model: UNet base 16, mult "
+            "(1, 2, 2), attention at 7x7, batch 32, lr 2e-3, EMA 0.99. Samples: "
+            f"{m.num_images} per step, DPM-Solver++ 2M, 20 steps, logsnr spacing, {m.weights} "
+            f"weights. Reference: {m.num_reference_images} held-out images.",
+            "",
+            "| training step | FID (stand-in) | KID (stand-in) | evaluate s | train s (to this step) |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {s} | {fid:.4f} | {kid:.5f} | {te:.0f} | {tt:.0f} |"
+                for s, fid, kid, te, tt in rows
+            ),
+            "",
+            f"**FID falls at every step: {'yes' if falls else 'NO'}**; last / first = "
+            f"{fids[-1] / fids[0]:.3f}. {time.monotonic() - t_start:.0f} s so far. Sample grid "
+            f"at step {last}: `quality_mnist_grid.png`.",
+            "",
+            f"![samples at step {last}](quality_mnist_grid.png)",
+            "",
+            f"Load average (1 min): {os.getloadavg()[0]:.1f} (2 cores).",
+        ]
+    )
+    path = write_results(args.out, "Quality proxy: MNIST FID over training", "cpu", body)
+    print(f"FID falls: {falls}; last/first = {fids[-1] / fids[0]:.3f}; wrote {path}", flush=True)
 
 
 def main() -> None:
@@ -114,7 +160,7 @@ def main() -> None:
         store = open_store(cfg.storage)
         manifest = shard_dataset(cfg.data, store).manifest
         ensure_ray(cfg.ray)
-        rows = []
+        rows: list[tuple[int, float, float, float, float]] = []
         t_start = time.monotonic()
         for step in steps:
             t0 = time.monotonic()
@@ -125,44 +171,12 @@ def main() -> None:
             samples = sample_images(store, cfg.sample, cfg.ray, ckpt)
             t1 = time.monotonic()
             m = evaluate(store, cfg.evaluate, cfg.ray, manifest, samples).metrics
-            t_eval = time.monotonic() - t1
-            rows.append((step, m.fid, m.kid_mean, t_train, t_eval))
+            assert m.fid is not None and m.kid_mean is not None
+            rows.append((step, m.fid, m.kid_mean, time.monotonic() - t1, t_train))
             print(f"step {step}: FID {m.fid:.4f}  KID {m.kid_mean:.5f}", flush=True)
-            grid = store.read_bytes(m.grid_key)
-        (RESULTS_DIR / "quality_mnist_grid.png").write_bytes(grid)
-        fids = [r[1] for r in rows]
-        falls = all(b < a for a, b in zip(fids, fids[1:], strict=False))
-        holdout = manifest.split("holdout").count
-        body = "\n".join(
-            [
-                "**Stand-in extractor:** a seeded, He-initialised torch-fidelity InceptionV3 "
-                f"({m.extractor.label}, sha256 `{m.extractor.weights_sha256[:16]}`): these FIDs "
-                "are NOT comparable with published FIDs, only with each other.",
-                "",
-                f"Data: the MNIST test set (10,000 digits, 28x28), sharded with `data.source_split="
-                f"test`: {manifest.split('train').count} training and {holdout} held-out images. "
-                f"Model: UNet base 16, mult (1, 2, 2), attention at 7x7, batch 32, lr 2e-3, EMA "
-                f"0.99. Samples: {n_samples} per step, DPM-Solver++ 2M, 20 steps, logsnr spacing, "
-                f"EMA weights. Reference: {m.num_reference_images} held-out images.",
-                "",
-                "| training step | FID (stand-in) | KID (stand-in) | train s | evaluate s |",
-                "|---|---|---|---|---|",
-                *(
-                    f"| {s} | {fid:.4f} | {kid:.5f} | {tt:.0f} | {te:.0f} |"
-                    for s, fid, kid, tt, te in rows
-                ),
-                "",
-                f"**FID falls at every step: {'yes' if falls else 'NO'}**; last / first = "
-                f"{fids[-1] / fids[0]:.3f}. Total {time.monotonic() - t_start:.0f} s. Sample "
-                f"grid at step {steps[-1]}: `quality_mnist_grid.png`.",
-                "",
-                f"![samples at step {steps[-1]}](quality_mnist_grid.png)",
-                "",
-                f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f}",
-            ]
-        )
-        path = write_results(args.out, "Quality proxy: MNIST FID over training", "cpu", body)
-        print(f"FID falls: {falls}; last/first = {fids[-1] / fids[0]:.3f}; wrote {path}")
+            # the table and grid so far: a long run that is cut short keeps its results
+            (RESULTS_DIR / "quality_mnist_grid.png").write_bytes(store.read_bytes(m.grid_key))
+            report(args, rows, m.extractor.label, m.extractor.weights_sha256, manifest, m, t_start)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
