@@ -176,7 +176,8 @@ def nightly(
     samples = sample_task(cfg.sample, cfg.ray, cfg.storage, ckpt, cfg.evaluate.repeats)
     stages.done(
         "sample",
-        f"{samples.num_images} images, {samples.config.sampler} {samples.config.steps} steps",
+        f"{samples.repeats} x {samples.num_images} images, {samples.config.sampler} "
+        f"{samples.config.steps} steps",
         reused=stages.made_before_start(samples.created),
     )
 

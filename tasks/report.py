@@ -289,7 +289,8 @@ _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
        color: #222; }
 table { border-collapse: collapse; margin: 0.5rem 0 1rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top; }
+th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top;
+         overflow-wrap: anywhere; }
 th { background: #f2f2f2; }
 .warning { background: #fff3cd; border-left: 4px solid #e0a800; padding: 0.5rem 1rem; }
 .missing { color: #777; font-style: italic; }
