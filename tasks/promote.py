@@ -115,7 +115,8 @@ def _noise_test(
         reason = f"better by more than the noise: {versus}; improvement {improvement:.4g} > {threshold:.4g} = {bar}"
     else:
         reason = (
-            f"within the noise: {versus}; improvement {improvement:.4g} <= {threshold:.4g} = {bar}"
+            f"not better by more than the noise: {versus}; improvement {improvement:.4g} <= "
+            f"{threshold:.4g} = {bar}"
         )
     return (
         promote,

@@ -55,5 +55,5 @@ def test_report_html_loads_every_image_and_section_in_chromium(tmp_path: Path) -
     assert loaded.group(1) == loaded.group(2) == "3", loaded.group(0)
     for section in SECTIONS:
         assert f'<section id="{section}">' in dom, section
-    assert "within the noise" in dom and "standard errors" in dom
+    assert "not better by more than the noise" in dom and "standard errors" in dom
     assert "NOT comparable with published FIDs" in dom

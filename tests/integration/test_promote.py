@@ -93,7 +93,7 @@ def test_promoted_only_when_better_by_more_than_the_noise(store):
     # The second night: 0.0900 vs 0.0903 is no difference at this noise.
     tie = promote_if_better(store, cfg, _metrics([0.0900, 0.0880, 0.0920]), ckpt[2], NIGHTS[1])
     e = tie.evidence
-    assert not tie.promoted and "within the noise" in tie.reason
+    assert not tie.promoted and "not better by more than the noise" in tie.reason
     assert e.challenger and e.champion and e.challenger.k == e.champion.k == 3
     assert e.champion.std == pytest.approx(statistics.stdev([0.0903, 0.0921, 0.0885]))
     assert e.improvement == pytest.approx(0.0003, abs=1e-9)

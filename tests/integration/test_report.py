@@ -106,7 +106,7 @@ def test_report_has_every_section_and_images_that_resolve(store: Store, tmp_path
     assert (folder / "grid.png").read_bytes() == store.read_bytes(summary.metrics.grid_key)
     # the metrics carry their noise, the decision its evidence
     assert "| FID | 0.09000 ± 0.0020 (std over k=3) | 3 | 0.09000, 0.08800, 0.09200 |" in md
-    assert "within the noise" in md and "standard errors" in md
+    assert "not better by more than the noise" in md and "standard errors" in md
     assert "| train (reused)" not in md and "| shard (reused) | 0.8 s |" in md
     assert "NOT comparable with published FIDs" in md
 
