@@ -250,7 +250,7 @@ class TrainConfig(_Frozen):
 
 
 class SampleConfig(_Frozen):
-    num_images: int = Field(default=256, ge=1)
+    num_images: int = Field(default=128, ge=1, description="per evaluate.repeats range")
     sampler: Literal["ddpm", "ddim", "dpmpp_2m", "heun"] = "ddim"
     steps: int = Field(default=50, ge=1)
     spacing: Literal["leading", "trailing", "linspace", "logsnr", "karras"] = Field(
@@ -315,7 +315,7 @@ class EvalConfig(_Frozen):
     )
     standin_seed: int = 0
     repeats: int = Field(
-        default=1,
+        default=3,
         ge=1,
         description="score k disjoint seed ranges of sample.num_images each; the metrics carry every FID, their mean and standard deviation (the noise promotion weighs)",
     )

@@ -40,7 +40,13 @@ def ensure_ray(cfg: RayConfig) -> None:
     else:
         log.info("starting a local Ray cluster (num_cpus=%s)", cfg.num_cpus or "all")
         # Local workers inherit this process's environment (credentials included) from ray.init.
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=cfg.worker_logs)
+        # address="local": always a new cluster of our own, never one found through /tmp/ray.
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            log_to_driver=cfg.worker_logs,
+        )
 
 
 class ResourcesUnavailableError(ValueError):

@@ -29,6 +29,7 @@ TINY = [
     "train.num_workers=2",
     "train.warmup_steps=5",
     "sample.num_images=40",
+    "evaluate.repeats=1",
     "sample.steps=10",
     "sample.images_per_task=20",
     "sample.batch_size=20",

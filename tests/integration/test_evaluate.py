@@ -183,7 +183,7 @@ def test_standin_is_shared_through_the_store(
 def test_reference_stats_cached_in_store(
     store: Store, dataset_manifest: DatasetManifest, standin: ExtractorInfo
 ) -> None:
-    cfg = EvalConfig(batch_size=32)
+    cfg = EvalConfig(batch_size=32, repeats=1)
     key = layout.reference_stats(FINGERPRINT, standin.sha256, N_HOLDOUT)
     assert key == f"stats/{FINGERPRINT}/{standin.sha256[:16]}-n{N_HOLDOUT}.npz"
     if store.exists(key):
@@ -335,7 +335,7 @@ def test_evaluate_samples_end_to_end(
     samples = np.clip(digits + rng.integers(-40, 41, digits.shape), 0, 255).astype(np.uint8)
     sample_set = _write_samples(store, samples)
     cfg = EvalConfig(
-        metrics=("fid", "kid", "isc"), kid_subset_size=8, grid_images=16, batch_size=32
+        metrics=("fid", "kid", "isc"), kid_subset_size=8, grid_images=16, batch_size=32, repeats=1
     )
 
     result = evaluate_samples(store, dataset_manifest, sample_set, cfg, extractor=standin)
@@ -395,7 +395,7 @@ def test_evaluate_samples_rejects_channel_mismatch(
 ) -> None:
     rgb = _write_samples(store, np.zeros((4, 1, 28, 28), np.uint8), channels=3)
     with pytest.raises(ValueError, match=r"\(channels, size\) = \(3, 28\)"):
-        evaluate_samples(store, dataset_manifest, rgb, EvalConfig(), extractor=standin)
+        evaluate_samples(store, dataset_manifest, rgb, EvalConfig(repeats=1), extractor=standin)
 
 
 def test_degenerate_samples_are_flagged_and_never_promoted(
@@ -405,7 +405,7 @@ def test_degenerate_samples_are_flagged_and_never_promoted(
     from tasks.promote import promote_if_better
 
     black = _write_samples(store, np.zeros((8, 1, 28, 28), np.uint8))  # a diverged model's output
-    cfg = EvalConfig(metrics=("fid",), grid_images=8, batch_size=8)
+    cfg = EvalConfig(metrics=("fid",), grid_images=8, batch_size=8, repeats=1)
     result = evaluate_samples(store, dataset_manifest, black, cfg, extractor=standin)
     assert result.metrics.problems == ["all 8 samples are flat images (a single pixel value each)"]
     assert "NOT TRUSTWORTHY" in result.report_markdown
