@@ -38,13 +38,22 @@ POOL = PREFECT_YAML["deployments"][0]["work_pool"]["name"]
 
 
 def _api(url: str, method: str = "GET", body: Any = None) -> Any:
+    """One REST call to the Prefect server. A 503 (SQLite busy while the server's scheduler writes
+    runs) is retried, as Prefect's own client does."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as r:
-        text = r.read()
-    return json.loads(text) if text else None
+    for attempt in range(10):
+        request = urllib.request.Request(
+            url, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                text = r.read()
+            return json.loads(text) if text else None
+        except urllib.error.HTTPError as err:
+            if err.code != 503 or attempt == 9:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 def _wait_healthy(api: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
