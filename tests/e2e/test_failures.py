@@ -12,12 +12,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
-from diffusion_core.checkpoint import load_checkpoint
 from tasks import layout
 from tasks.config import load_config
 from tasks.records import Checkpoint
@@ -25,6 +23,7 @@ from tasks.shard import shard_dataset
 from tasks.storage import Store
 from tasks.train_loop import TrainJob, run_training
 from tests.conftest import REPO
+from tests.training_state import assert_same_training_state, final_state
 
 pytestmark = pytest.mark.slow
 DIFFPIPE = str(Path(sys.executable).parent / "diffpipe")
@@ -142,12 +141,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _final_state(store: Store, run_id: str) -> dict[str, Any]:
-    latest = Checkpoint.latest(store, run_id)
-    assert latest is not None
-    return load_checkpoint(latest.read_bytes(store))
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 def test_a_killed_run_leaves_nothing_behind_and_resumes(tmp_path, tmpdir_short):
     store_root = tmp_path / "store"
@@ -206,12 +199,6 @@ def test_a_killed_run_leaves_nothing_behind_and_resumes(tmp_path, tmpdir_short):
         run_training(TrainJob(config=straight, target_step=400, manifest=manifest))
     finally:
         torch.set_num_threads(threads)
-    a, b = (_final_state(store, run_id) for run_id in ("straight", "nightly"))
+    a, b = (final_state(store, run_id) for run_id in ("straight", "nightly"))
     assert a["step"] == b["step"] == 400
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
-    for sa, sb in zip(
-        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
-    ):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
-        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert_same_training_state(a, b)

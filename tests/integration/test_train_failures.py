@@ -11,15 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from diffusion_core.checkpoint import load_checkpoint
 from tasks import layout
 from tasks.config import PipelineConfig, StorageConfig
 from tasks.records import Checkpoint, TrainHistory
 from tasks.shard import shard_dataset
 from tasks.storage import Store
 from tasks.train import train
+from tests.training_state import assert_same_training_state, final_state
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +50,6 @@ def _train_workers() -> list[int]:
             if b"RayTrainWorker" in cmd:
                 named[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
     return sorted(pid for pid, parent in named.items() if parent not in named)
-
-
-def _state(store: Store, run_id: str) -> dict:
-    latest = Checkpoint.latest(store, run_id)
-    assert latest is not None
-    return load_checkpoint(latest.read_bytes(store))
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc")
@@ -92,15 +85,8 @@ def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(tmp_path, ray_c
     assert killed and killed[0] < 200, "no worker was killed mid-run"
     assert result.checkpoint.step == 200
 
-    a, b = _state(store, "straight"), _state(store, "killed")
-    for part in ("model",):
-        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])
-    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
-    for sa, sb in zip(
-        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
-    ):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
-        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    a, b = final_state(store, "straight"), final_state(store, "killed")
+    assert_same_training_state(a, b)
 
     # The lost attempt's windows were replaced: the history is the uninterrupted run's, loss for loss.
     def losses(run_id: str) -> list[tuple[int, float]]:

@@ -14,15 +14,13 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
-from diffusion_core.checkpoint import load_checkpoint
 from tasks.config import load_config
-from tasks.records import Checkpoint
 from tasks.shard import shard_dataset
 from tasks.storage import Store
 from tasks.train import train
 from tests.conftest import REPO
+from tests.training_state import assert_same_training_state, final_state
 
 pytestmark = pytest.mark.slow
 
@@ -59,12 +57,6 @@ DRIVER = textwrap.dedent(
     print("final step", result.checkpoint.step)
     """
 )
-
-
-def _state(store: Store, run_id: str) -> dict:
-    latest = Checkpoint.latest(store, run_id)
-    assert latest is not None
-    return load_checkpoint(latest.read_bytes(store))
 
 
 def test_one_worker_per_node_streaming_from_s3_equals_one_node(s3_storage, ray_cluster):
@@ -108,12 +100,6 @@ def test_one_worker_per_node_streaming_from_s3_equals_one_node(s3_storage, ray_c
     assert sorted(placed) == ["0", "1"] and placed["0"] != placed["1"], run.stderr[-4000:]
     assert set(placed.values()) == nodes
 
-    a, b = _state(store, "one-node"), _state(store, "multi-node")
+    a, b = final_state(store, "one-node"), final_state(store, "multi-node")
     assert a["step"] == b["step"] == 8
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
-    for sa, sb in zip(
-        a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True
-    ):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
-        assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert_same_training_state(a, b)
