@@ -17,19 +17,40 @@ from typing import Any
 import torch
 
 from tasks import layout
-from tasks.config import PipelineConfig
+from tasks.config import ConfigError, PipelineConfig
 from tasks.ray_runtime import check_resources, ensure_ray
-from tasks.records import Checkpoint, DatasetManifest, LogWindow, TrainResult
+from tasks.records import Checkpoint, DatasetManifest, LogWindow, RecordFormatError, TrainResult
 from tasks.runtime import temp_prefix
 from tasks.storage import Store
-from tasks.train_loop import TrainJob, check_resume_compatible, run_training, unet_config_for
+from tasks.train_loop import (
+    DivergedError,
+    TrainJob,
+    check_resume_compatible,
+    run_training,
+    unet_config_for,
+)
+from tasks.webdata import ShardReadError
 
 log = logging.getLogger(__name__)
+
+# Errors a restarted worker group would only meet again (damaged shards or checkpoints, a diverged
+# run, a bad setting): the first one ends the run. Ray Train restarts the group after any worker
+# error (`train.max_failures`), so the failing rank leaves the error with the driver first, and the
+# restarted workers find it there and return at once.
+NOT_RETRIED: tuple[type[BaseException], ...] = (
+    RecordFormatError,
+    ShardReadError,
+    DivergedError,
+    ConfigError,
+)
 
 
 def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     job: TrainJob = config["job"]
     progress = config["progress"]  # a ray.util.queue.Queue read by the driver
+    given_up = config["given_up"]  # holds the error that ends the run, once a rank met one
+    if not given_up.empty():
+        return
     import ray
     import ray.train
     import ray.train.torch
@@ -50,14 +71,18 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train
         }
     )
     device = ray.train.torch.get_device()
-    run_training(
-        job,
-        rank=rank,
-        world_size=world,
-        device=device,
-        wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
-        report=lambda metrics: _report(metrics, rank, progress),
-    )
+    try:
+        run_training(
+            job,
+            rank=rank,
+            world_size=world,
+            device=device,
+            wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
+            report=lambda metrics: _report(metrics, rank, progress),
+        )
+    except NOT_RETRIED as err:
+        given_up.put(err)
+        raise
 
 
 def _report(metrics: dict[str, float], rank: int, progress: Any) -> None:
@@ -152,12 +177,13 @@ def train(
     from ray.util.queue import Queue
 
     progress = Queue(actor_options={"num_cpus": 0})
+    given_up = Queue(actor_options={"num_cpus": 0})
     # Ray's own storage only holds its run metadata; our checkpoints live in the object store.
     ray_storage = tempfile.mkdtemp(prefix=temp_prefix() + "ray-")
     try:
         trainer = TorchTrainer(
             _train_loop_per_worker,
-            train_loop_config={"job": job, "progress": progress},
+            train_loop_config={"job": job, "progress": progress, "given_up": given_up},
             scaling_config=ScalingConfig(
                 num_workers=tc.num_workers,
                 use_gpu=tc.use_gpu,
@@ -172,9 +198,12 @@ def train(
             ),
         )
         result = _run_with_progress(trainer.fit, progress, target, tc.batch_size * tc.num_workers)
+        if not given_up.empty():  # the restarted workers returned at once: the run failed
+            raise given_up.get_nowait()
     finally:
         shutil.rmtree(ray_storage, ignore_errors=True)
         progress.shutdown()
+        given_up.shutdown()
     final = Checkpoint.latest(store, tc.run_id)
     if final is None or final.step != target:
         raise RuntimeError(

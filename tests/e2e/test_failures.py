@@ -112,6 +112,9 @@ def test_a_failure_inside_a_ray_worker_is_one_clear_message(tmp_path):
     assert "with -v" in lines[lines.index(final[0]) + 1]
     verbose = _run(["train", *overrides, "train.steps=4", "-v"], tmp_path)
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    # Failed once, not train.max_failures + 1 times: a damaged checkpoint is not worth a restart.
+    assert "Error count: 1" in verbose.stderr, verbose.stderr[-6000:]
+    assert "Error count: 2" not in verbose.stderr, verbose.stderr[-6000:]
 
 
 def _descendants(pid: int) -> set[int]:
