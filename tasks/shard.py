@@ -222,6 +222,7 @@ class _Progress:
         self.start = self.last = time.monotonic()
         self.listed = self.done = 0
         self.total = total
+        self._counter: threading.Timer | None = None
 
     def add(self, n: int) -> None:
         self.done += n
@@ -245,11 +246,20 @@ class _Progress:
             )
 
     def count_beside(self, count: Callable[[], int]) -> None:
+        """Count in a thread that starts only once the job has run for half a progress interval:
+        a short job (the common nightly rerun) never lists its source twice."""
+
         def run() -> None:
             with contextlib.suppress(Exception):  # the listing itself reports what went wrong
                 self.total = count()
 
-        threading.Thread(target=run, name="shard-count", daemon=True).start()
+        self._counter = threading.Timer(PROGRESS_EVERY_S / 2, run)
+        self._counter.name, self._counter.daemon = "shard-count", True
+        self._counter.start()
+
+    def close(self) -> None:
+        if self._counter is not None:
+            self._counter.cancel()
 
 
 Runner = Callable[[Iterator[ChunkJob]], Iterator[tuple[ChunkJob, ChunkResult]]]
@@ -422,16 +432,19 @@ def shard_dataset(cfg: DataConfig, store: Store, ray_cfg: RayConfig | None = Non
     def jobs() -> Iterator[ChunkJob]:
         cutters = {s: ChunkCutter(cfg.samples_per_shard) for s in layout.SPLITS}
         positions: dict[layout.Split, list[int]] = {s: [] for s in layout.SPLITS}
-        for n, item in enumerate(plan.items):
-            listed.update(f"{item.key}\0{item.label}\0{item.size}\0{item.version}\n".encode())
-            per_label[item.label] += 1
-            progress.listed += 1
-            split = split_of(item.key, cfg.holdout_fraction, cfg.seed)
-            positions[split].append(n)
-            chunk = cutters[split].add(item)
-            if chunk is not None:
-                yield from make(split, chunk, positions[split])
-                positions[split] = []
+        try:
+            for n, item in enumerate(plan.items):
+                listed.update(f"{item.key}\0{item.label}\0{item.size}\0{item.version}\n".encode())
+                per_label[item.label] += 1
+                progress.listed += 1
+                split = split_of(item.key, cfg.holdout_fraction, cfg.seed)
+                positions[split].append(n)
+                chunk = cutters[split].add(item)
+                if chunk is not None:
+                    yield from make(split, chunk, positions[split])
+                    positions[split] = []
+        finally:
+            progress.close()  # the listing ended: no count needed
         progress.total = progress.listed
         for split, cutter in cutters.items():
             if cutter.items:
@@ -473,8 +486,9 @@ def shard_dataset(cfg: DataConfig, store: Store, ray_cfg: RayConfig | None = Non
             )
         if result.image_size is not None:
             sizes.add(result.image_size)
-        bad = {s.path for s in skipped}
-        unusable.update(it.label for it in job.items if it.key in bad)
+        if skipped:
+            bad = {s.path for s in skipped}
+            unusable.update(it.label for it in job.items if it.key in bad)
         done[job.split].append((job.seq, result.shard, tuple(skipped)))
         progress.add(len(job.items))
 

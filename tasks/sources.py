@@ -18,7 +18,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from PIL import Image
 
@@ -35,9 +35,9 @@ _S3_PAGE = 1000  # keys per listing request: what the driver holds of a listing 
 _S3_BATCH = 32  # images a shard task fetches from S3 at once
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """One image as listed: enough to name it, split it, chunk it and notice that it changed."""
+class Item(NamedTuple):
+    """One image as listed: enough to name it, split it, chunk it and notice that it changed. A
+    tuple, so that the chunks the driver sends to its shard tasks pickle cheaply."""
 
     key: str  # path below the source root (a listing's url as written; an array index)
     label: int
@@ -140,15 +140,15 @@ def _files(store: Store, folder: str) -> Iterator[tuple[str, int, str]]:
             if not entry["key"].endswith("/"):  # folder markers some tools create
                 yield entry["key"], int(entry["Size"]), str(entry["ETag"]).strip('"')
         return
-    for name in sorted(os.listdir(store.path(folder))):
+    directory = store.path(folder)  # checked once; the names below come from the OS
+    for name in sorted(os.listdir(directory)):
         if name.startswith("."):
             continue
-        key = f"{folder}/{name}"
-        st = os.stat(store.path(key))
+        st = os.stat(f"{directory}/{name}")
         if stat.S_ISDIR(st.st_mode):
-            yield from _files(store, key)
+            yield from _files(store, f"{folder}/{name}")
         elif stat.S_ISREG(st.st_mode):
-            yield key, st.st_size, str(st.st_mtime_ns)
+            yield f"{folder}/{name}", st.st_size, str(st.st_mtime_ns)
 
 
 @dataclass

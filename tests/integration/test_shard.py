@@ -122,3 +122,29 @@ def test_mnist_without_files_says_where_it_looked(tmp_path):
             DataConfig(dataset="mnist", root=str(tmp_path)),
             Store(StorageConfig(root=str(tmp_path / "s"))),
         )
+
+
+def test_progress_lines_carry_the_count_of_the_listing(tmp_path, monkeypatch, caplog):
+    """A job that outlasts half a progress interval counts its listing beside the work, so its
+    progress lines say how far along it is; a shorter one never lists twice."""
+    import logging
+    import threading
+
+    import tasks.shard
+
+    make_folder(tmp_path / "src", per_class=40, size=8)
+    cfg = DataConfig(dataset=f"imagefolder:{tmp_path / 'src'}", samples_per_shard=4, workers=0)
+    monkeypatch.setattr(tasks.shard, "PROGRESS_EVERY_S", 0.0)  # a line per chunk, count at once
+    with caplog.at_level(logging.INFO, logger="tasks.shard"):
+        shard_dataset(cfg, Store(StorageConfig(root=str(tmp_path / "store"))))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shard: ")]
+    assert len(lines) >= 5, lines
+    assert lines[-1].startswith("shard: 80/80 images (100%)"), lines[-1]
+
+    timers: list[threading.Timer] = []
+    start = threading.Timer.start
+    monkeypatch.setattr(tasks.shard, "PROGRESS_EVERY_S", 3600.0)
+    monkeypatch.setattr(threading.Timer, "start", lambda t: (timers.append(t), start(t))[1])
+    shard_dataset(cfg, Store(StorageConfig(root=str(tmp_path / "store2"))))
+    assert len(timers) == 1
+    assert timers[0].finished.is_set()  # cancelled when the listing ended: it never counts
