@@ -222,7 +222,7 @@ def main() -> None:
     if moto is not None:
         proc, endpoint = moto
         try:
-            rows += s3_part(args, files, folder, endpoint, gcs, work / "out")
+            rows += s3_part(args, files, folder, endpoint, gcs, work / "out", proc.pid)
         finally:
             proc.terminate()
     ray.shutdown()
@@ -254,8 +254,20 @@ def rss_row(where: str, small: int, big: int, a: tuple[int, float], b: tuple[int
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def s3_part(
-    args: argparse.Namespace, files: list[Path], folder: Path, endpoint: str, gcs: str, out: Path
+    args: argparse.Namespace,
+    files: list[Path],
+    folder: Path,
+    endpoint: str,
+    gcs: str,
+    out: Path,
+    server_pid: int,
 ) -> list[str]:
     import boto3
     import s3fs
@@ -283,10 +295,27 @@ def s3_part(
         "ours, 1 worker": lambda r: ours(source, store(f"w1-{r}"), 1, None),
         "ours, 2 workers": lambda r: ours(source, store(f"w2-{r}"), 2, None),
     }
+    # How busy the one moto_server process is during each run, in cores: near 1.0, it (not the
+    # shard tasks) sets the pace, and a second worker cannot go faster.
+    busy: dict[str, list[float]] = {name: [] for name in runs}
+
+    def watched(name: str, run: Callable[[int], object]) -> Callable[[int], object]:
+        def go(rep: int) -> None:
+            cpu, start = cpu_seconds(server_pid), time.perf_counter()
+            run(rep)
+            busy[name].append((cpu_seconds(server_pid) - cpu) / (time.perf_counter() - start))
+
+        return go
+
     reps = max(1, args.reps // 2)
-    times = interleave(runs, reps)
+    times = interleave({name: watched(name, run) for name, run in runs.items()}, reps)
     rate = {k: len(keys) / statistics.median(v) for k, v in times.items()}
     rows = table("S3 (moto_server) -> S3", len(keys), rate, times)
+    rows.append(
+        "| S3 (moto_server) -> S3 | moto_server's CPU use during the runs (cores): "
+        + ", ".join(f"{name} {statistics.median(b):.2f}" for name, b in busy.items())
+        + " | | |"
+    )
     sizes = (min(args.small, len(keys) // 4), len(keys))
     small, big = (driver_rss(source, store(f"rss{c}"), c, gcs) for c in sizes)
     rows.append(rss_row("S3 (moto_server) -> S3", sizes[0], sizes[1], small, big))

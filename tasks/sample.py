@@ -3,7 +3,8 @@ each range becomes one WebDataset shard (png, seed, label) plus its `.json` rece
 
 Image i has seed `seed_start + i` and its own generator, so it depends on its seed only, never on the
 batch size, the actor, a retry or a restart. Each actor loads the weights once and then takes range
-after range (`ray.util.ActorPool`); the driver hands out ranges and gathers receipts, never images,
+after range, with the next one already queued on it (no idle gap while the driver takes a receipt);
+the driver hands out ranges and gathers receipts, never images,
 so its memory does not grow with the number of images. A killed actor is restarted and its range is
 re-run (`sample.max_restarts`); a range writes the same bytes whoever runs it. A rerun skips the
 ranges whose shard and receipt already exist (the receipt is written after the shard), and the
@@ -20,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+from collections import deque
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -342,6 +344,9 @@ def sample_images(
     return sample_set
 
 
+QUEUED_PER_ACTOR = 2  # ranges handed to an actor at once: one running, one waiting in its queue
+
+
 def _run_pool(
     store: Store,
     cfg: SampleConfig,
@@ -358,7 +363,6 @@ def _run_pool(
     bundle = {"CPU": cfg.cpus_per_task, **({"GPU": 1.0} if cfg.use_gpu else {})}
     check_resources(ray_cfg, bundle, 1, "a sampling task")
     import ray
-    from ray.util import ActorPool
 
     size = pool_size(ray_cfg, bundle, cfg.num_workers, len(pending))
     # A killed actor (lost node, OOM, SIGKILL) is restarted and its unfinished range re-run there:
@@ -381,15 +385,24 @@ def _run_pool(
         ", ".join(f"{r}: {a:g}" for r, a in bundle.items()),
     )
     done: dict[int, SampleShard] = {}
+    todo = deque(pending)
+    running: dict[Any, tuple[Any, int]] = {}  # ObjectRef -> (actor, range index)
+
+    def give(actor: Any) -> None:
+        if todo:
+            n = todo.popleft()
+            running[actor.run.remote(*ranges[n], *keys[n])] = (actor, n)
+
     try:
-        pool = ActorPool(actors)
-        results = pool.map_unordered(
-            lambda actor, n: actor.run.remote(*ranges[n], *keys[n]),
-            pending,
-        )
-        index = {keys[n][0]: n for n in pending}
-        for shard, _ in results:
-            done[index[shard.key]] = shard
+        for _ in range(QUEUED_PER_ACTOR):
+            for actor in actors:
+                give(actor)
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor, n = running.pop(ready[0])
+            give(actor)  # before the receipt is read: the actor never waits on the driver
+            shard, _ = ray.get(ready[0])
+            done[n] = shard
             progress.update(shard.count)
     finally:
         for actor in actors:
