@@ -5,7 +5,7 @@ model; a local Ray cluster of 2 CPUs. Images/s is the median of each run's loggi
 the first (`runs/<id>/logs/history.json`), summed over the ranks. Runs alternate (1, 2, 2, 1, ...).
 Needs 2 otherwise idle cores: on a busy machine the 2-worker run is the one that loses.
 
-Two configs (`--config`): `quickstart` (`digits` 8x8, the default 0.4 M-parameter model: ~0.1 s
+Two configs (`--config`): `quickstart` (`digits` 8x8, the default 0.76 M-parameter model: ~0.1 s
 a step, so the gradient all-reduce and each rank's data process weigh on 1 core) and `mnist` (the
 end-to-end benchmark's MNIST 28x28, 1.19 M parameters: ~1 s a step).
 
