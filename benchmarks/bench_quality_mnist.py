@@ -109,7 +109,7 @@ def report(
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    steps = args.steps or ([30, 150, 400] if args.quick else [50, 500, 2000, 6000])
+    steps = args.steps or ([30, 150, 400] if args.quick else [50, 500, 2000, 4000])
     n_samples = args.samples or (96 if args.quick else 256)
     n_reference = args.reference or (128 if args.quick else 500)
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))

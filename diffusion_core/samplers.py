@@ -17,7 +17,7 @@ from typing import Literal, Protocol, get_args
 import torch
 from torch import Tensor
 
-from diffusion_core.objectives import Network, PredictionType, to_eps_x0
+from diffusion_core.objectives import Network, PredictionType, eps_from_x0, to_eps_x0, x0_from_eps
 from diffusion_core.seeding import ImageNoise
 
 SamplerName = Literal["ddpm", "ddim", "dpmpp_2m", "heun"]
@@ -292,6 +292,7 @@ def make_eps_denoiser(
     guidance_scale: float = 1.0,
     null_label: int | None = None,
     dtype: torch.dtype = torch.float32,
+    clip_x0: float | None = None,
 ) -> Denoiser:
     """Wrap ``net(x_t, t, class_labels)`` (eps, v or x0 prediction) as an eps-``Denoiser``.
 
@@ -300,6 +301,12 @@ def make_eps_denoiser(
     conditional (class_labels [B]) and unconditional (``null_label``) passes run as one batch of
     2B and are mixed by classifier-free guidance, eps = eps_u + scale (eps_c - eps_u) (Ho &
     Salimans 2022, eq. 6 with w = scale - 1). The network runs under ``torch.no_grad``.
+
+    With ``clip_x0 = c`` the predicted clean image is clamped to [-c, c] and eps recomputed from it
+    (DDPM's and DDIM's reference samplers, and diffusers' ``clip_sample``, do this for data in
+    [-1, 1]). A deterministic sampler needs it: at the noisiest step x0 = (x_t - sigma eps) / alpha
+    multiplies any error in eps by 1 / alpha (~160 for the linear schedule), so a starting noise
+    whose norm the network under-predicts by a few percent ends as a saturated noise image.
     """
     guide = guidance_scale != 1.0
     if guide and (class_labels is None or null_label is None):
@@ -325,7 +332,11 @@ def make_eps_denoiser(
         if guide:
             # classifier-free guidance, Ho & Salimans 2022 eq. 6
             eps_c, eps_u = eps.chunk(2)
-            return eps_u + guidance_scale * (eps_c - eps_u)
+            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            x_t, alpha_bar_t = x_t.chunk(2)[0], alpha_bar_t.chunk(2)[0]
+        if clip_x0 is not None:
+            x0 = x0_from_eps(eps, x_t, alpha_bar_t).clamp(-clip_x0, clip_x0)
+            eps = eps_from_x0(x0, x_t, alpha_bar_t)
         return eps
 
     return denoise

@@ -285,6 +285,12 @@ class SampleConfig(_Frozen):
         "unfinished range is re-run and writes the same bytes",
     )
     use_ema: bool = True
+    clip_x0: bool = Field(
+        default=True,
+        description="clamp the predicted clean image to the data range [-1, 1] at every step (as "
+        "DDPM's and DDIM's reference code and diffusers' clip_sample do); without it a "
+        "deterministic sampler turns some starting noises into saturated noise images",
+    )
     bf16: bool = False
     channels_last: bool = False
     compile: bool = False
@@ -300,6 +306,7 @@ class SampleConfig(_Frozen):
         "seed_start",
         "num_images",
         "use_ema",
+        "clip_x0",
         "bf16",
     )
 

@@ -18,7 +18,7 @@ import hashlib
 import json
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from diffusion_core.unet import UNetConfig
 from tasks import layout
@@ -236,6 +236,14 @@ class SampleShard(Record):
     seed_stop: int
 
 
+def _unclipped_if_older(value: object) -> object:
+    """Sample settings recorded before `clip_x0` existed: those images were made without it, so
+    they never look comparable with (or the same set as) clipped ones."""
+    if isinstance(value, dict) and "clip_x0" not in value:
+        return {**value, "clip_x0": False}
+    return value
+
+
 class SampleSet(Record):
     """A complete sample set (manifest written last): `repeats` disjoint seed ranges of
     `num_images` images each, from `config.seed_start` on; no shard spans two repeats."""
@@ -253,6 +261,8 @@ class SampleSet(Record):
     shards: list[SampleShard]
     config: SampleConfig
     created: str
+
+    _older_config = field_validator("config", mode="before")(_unclipped_if_older)
 
     @property
     def prefix(self) -> str:
@@ -313,6 +323,8 @@ class Metrics(Record):
     repeats: int = 1
     seed_ranges: list[tuple[int, int]] = []  # one [start, stop) per repeat
     weights: Literal["ema", "raw"] = "ema"
+
+    _older_sampling = field_validator("sampling", mode="before")(_unclipped_if_older)
     num_reference_images: int | None = None
     reference_stats_key: str | None = None
     dataset_fingerprint: str

@@ -129,6 +129,7 @@ def generate(
             class_labels=y,
             guidance_scale=cfg.guidance_scale,
             null_label=ucfg.num_classes,
+            clip_x0=1.0 if cfg.clip_x0 else None,
         )
         with autocast(device, enabled=cfg.bf16):
             x = sample(

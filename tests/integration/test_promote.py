@@ -239,3 +239,16 @@ def test_a_non_finite_evaluation_is_never_promoted(store, bad):
     assert not store.exists(layout.model_current("default"))
     # and a later, sound model is promoted as the first one
     assert promote_if_better(store, PromoteConfig(), _metrics(5.0), _checkpoint(store, 2)).promoted
+
+
+def test_an_evaluation_recorded_before_clip_x0_is_not_comparable_with_a_clipped_one():
+    """Images sampled before `sample.clip_x0` existed were not clipped: reading such a record
+    must not make it look like one made with today's default."""
+    from tasks.promote import incomparable_reasons
+
+    new = _metrics([0.5, 0.52, 0.51])
+    old_json = _metrics([0.6, 0.62, 0.61]).model_dump(mode="json")
+    del old_json["sampling"]["clip_x0"]
+    old = Metrics.model_validate(old_json)
+    assert old.sampling.clip_x0 is False and new.sampling.clip_x0 is True
+    assert "sample.clip_x0: False -> True" in incomparable_reasons(new, old)

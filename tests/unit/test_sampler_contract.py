@@ -144,3 +144,27 @@ def test_sample_validates_inputs() -> None:
         sample("ddim", den, x.float(), TIMESTEPS, alpha_bar=ALPHA_BAR, noise=noise)
     with pytest.raises(ValueError, match="strictly descending"):
         sample("ddim", den, x, TIMESTEPS.flip(0), alpha_bar=ALPHA_BAR, noise=noise)
+
+
+class ShrunkEps(torch.nn.Module):
+    """An eps-network that under-predicts the noise by 3 %: what an imperfect model does at the
+    noisiest steps, where x0 = (x_t - sigma eps) / alpha multiplies the error by 1 / alpha."""
+
+    def forward(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        return 0.97 * x_t
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
+def test_clip_x0_keeps_a_deterministic_sampler_in_the_data_range(name: str) -> None:
+    alpha_bar = alpha_bar_from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    timesteps = make_timesteps(1000, 20, "trailing")
+    noise = ImageNoise(list(range(8)))
+    x_T = noise.randn((1, 8, 8))
+    out = {}
+    for clip in (None, 1.0):
+        denoiser = make_eps_denoiser(
+            ShrunkEps(), alpha_bar=alpha_bar, prediction_type="epsilon", clip_x0=clip
+        )
+        out[clip] = sample(name, denoiser, x_T.clone(), timesteps, alpha_bar=alpha_bar, noise=noise)
+    assert out[None].abs().max() > 2.0  # unclipped: far outside the data range
+    assert out[1.0].abs().max() <= 1.0 + 1e-6  # clipped: x0 (and so the image) stays in [-1, 1]
