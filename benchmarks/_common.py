@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import platform
 import shlex
 import sys
@@ -14,6 +15,12 @@ import torch
 from torch import nn
 
 from diffusion_core.unet import UNetConfig
+
+# The shared test data (`../shared/data`, MNIST under `mnist/`): the folder the tests read, through
+# the same variable.
+SHARED_DATA = Path(
+    os.environ.get("DIFFPIPE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 RESULTS_DIR = Path(__file__).parent / "results"
 

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import write_results  # noqa: E402
+from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
 from tasks import layout  # noqa: E402
 from tasks.config import EvalConfig, RayConfig, StorageConfig  # noqa: E402
 from tasks.evaluate_ray import RayPool  # noqa: E402
@@ -40,8 +40,7 @@ from tasks.ray_runtime import ensure_ray  # noqa: E402
 from tasks.storage import Store  # noqa: E402
 from tasks.webdata import encode_png, write_shard  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-MNIST = Path(os.environ.get("MNIST_DIR", REPO.parent / "shared" / "data" / "mnist"))
+MNIST = SHARED_DATA / "mnist"
 
 
 def parse_args() -> argparse.Namespace:

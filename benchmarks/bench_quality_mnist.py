@@ -8,7 +8,7 @@ It must fall as training proceeds; the sample grid of the last step must show di
 
     uv run python benchmarks/bench_quality_mnist.py            # ~20 min on 2 CPU cores
     uv run python benchmarks/bench_quality_mnist.py --quick    # ~4 min
-    MNIST_DIR=/path/with/t10k-images-idx3-ubyte.gz uv run python benchmarks/bench_quality_mnist.py
+    DIFFPIPE_TEST_DATA=/path/to/shared/data uv run python benchmarks/bench_quality_mnist.py
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import RESULTS_DIR, write_results  # noqa: E402
+from benchmarks._common import RESULTS_DIR, SHARED_DATA, write_results  # noqa: E402
 from tasks.config import PipelineConfig  # noqa: E402
 from tasks.evaluate_ray import evaluate  # noqa: E402
 from tasks.ray_runtime import ensure_ray  # noqa: E402
@@ -34,8 +34,7 @@ from tasks.shard import shard_dataset  # noqa: E402
 from tasks.storage import open_store  # noqa: E402
 from tasks.train_loop import TrainJob, run_training  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MNIST = REPO.parent / "shared" / "data" / "mnist"
+MNIST = SHARED_DATA / "mnist"
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,12 +49,14 @@ def parse_args() -> argparse.Namespace:
 
 def mnist_root(work: Path) -> Path:
     """torchvision's layout (<root>/MNIST/raw/) over the shared IDX files."""
-    src = Path(os.environ.get("MNIST_DIR", DEFAULT_MNIST))
+    src = MNIST
     raw = work / "mnist" / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         if not (src / name).is_file():
-            raise SystemExit(f"{src / name} not found: set MNIST_DIR to the shared mnist folder")
+            raise SystemExit(
+                f"{src / name} not found: set DIFFPIPE_TEST_DATA to the shared data folder"
+            )
         if not (raw / name).exists():
             (raw / name).symlink_to(src / name)
     return work / "mnist"

@@ -36,10 +36,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import write_results  # noqa: E402
+from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("DIFFPIPE_TEST_DATA", REPO.parent / "shared" / "data")) / "mnist"
+DATA = SHARED_DATA / "mnist"
 
 
 def parse_args() -> argparse.Namespace:

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import write_results  # noqa: E402
+from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
 from tasks import layout  # noqa: E402
 from tasks.config import PipelineConfig, resolve_config  # noqa: E402
 from tasks.records import DatasetManifest, LogWindow, TrainHistory  # noqa: E402
@@ -39,7 +39,7 @@ from tasks.train_data import RankBatches, load_batches  # noqa: E402
 from tasks.train_loop import TrainJob, run_training  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("DIFFPIPE_TEST_DATA", REPO.parent / "shared" / "data"))
+DATA = SHARED_DATA
 
 
 def parse_args() -> argparse.Namespace:

@@ -33,7 +33,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import diffusers_unet, n_params, time_interleaved, write_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    SHARED_DATA,
+    diffusers_unet,
+    n_params,
+    time_interleaved,
+    write_results,
+)
 from diffusion_core.unet import UNet  # noqa: E402
 from tasks.config import PipelineConfig, resolve_config  # noqa: E402
 from tasks.records import DatasetManifest  # noqa: E402
@@ -42,9 +48,7 @@ from tasks.storage import Store  # noqa: E402
 from tasks.train_loop import TrainJob, run_training, unet_config_for  # noqa: E402
 from tasks.webdata import iter_raw_samples  # noqa: E402
 
-DATA = Path(
-    os.environ.get("DIFFPIPE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+DATA = SHARED_DATA
 
 
 def parse_args() -> argparse.Namespace:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import write_results  # noqa: E402
+from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
 from tasks import layout  # noqa: E402
 from tasks.config import PipelineConfig, resolve_config  # noqa: E402
 from tasks.records import TrainHistory  # noqa: E402
@@ -44,9 +44,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-DATA = Path(
-    os.environ.get("DIFFPIPE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+DATA = SHARED_DATA
 CONFIGS: dict[str, dict[str, object]] = {
     "quickstart": {"steps": 300, "log_every": 50, "overrides": {}},
     "mnist": {

@@ -323,8 +323,6 @@ class Metrics(Record):
     repeats: int = 1
     seed_ranges: list[tuple[int, int]] = []  # one [start, stop) per repeat
     weights: Literal["ema", "raw"] = "ema"
-
-    _older_sampling = field_validator("sampling", mode="before")(_unclipped_if_older)
     num_reference_images: int | None = None
     reference_stats_key: str | None = None
     dataset_fingerprint: str
@@ -343,6 +341,8 @@ class Metrics(Record):
     provenance: Provenance | None = None
     problems: list[str] = []  # why these numbers must not be trusted (degenerate samples, ...)
     created: str
+
+    _older_sampling = field_validator("sampling", mode="before")(_unclipped_if_older)
 
     @property
     def comparable_with_published(self) -> bool:
