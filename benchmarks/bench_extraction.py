@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
 from tasks import layout  # noqa: E402
 from tasks.config import EvalConfig, RayConfig, StorageConfig  # noqa: E402
-from tasks.evaluate_ray import RayPool  # noqa: E402
-from tasks.features import ShardJob  # noqa: E402
-from tasks.inception import resolve_extractor  # noqa: E402
+from tasks.evaluate.features import ShardJob  # noqa: E402
+from tasks.evaluate.inception import resolve_extractor  # noqa: E402
+from tasks.evaluate.stage import RayPool  # noqa: E402
 from tasks.ray_runtime import ensure_ray  # noqa: E402
 from tasks.storage import Store  # noqa: E402
 from tasks.webdata import encode_png, write_shard  # noqa: E402

@@ -102,12 +102,12 @@ class ActorWatch(threading.Thread):
 def driver(n: int, args: argparse.Namespace) -> None:
     """One driver: shard, train, sample N, evaluate; prints its and its actors' peak RSS (JSON)."""
     from tasks.config import PipelineConfig
-    from tasks.evaluate_ray import evaluate
+    from tasks.evaluate.stage import evaluate
     from tasks.ray_runtime import ensure_ray
-    from tasks.sample import sample_images
-    from tasks.shard import shard_dataset
+    from tasks.sample.stage import sample_images
+    from tasks.shard.stage import shard_dataset
     from tasks.storage import open_store
-    from tasks.train_loop import TrainJob, run_training
+    from tasks.train.loop import TrainJob, run_training
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = Path(tempfile.mkdtemp(prefix="bench-mem-"))

@@ -26,13 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS_DIR, SHARED_DATA, write_results  # noqa: E402
 from tasks.config import PipelineConfig  # noqa: E402
-from tasks.evaluate_ray import evaluate  # noqa: E402
+from tasks.evaluate.stage import evaluate  # noqa: E402
 from tasks.ray_runtime import ensure_ray  # noqa: E402
 from tasks.records import DatasetManifest, Metrics  # noqa: E402
-from tasks.sample import sample_images  # noqa: E402
-from tasks.shard import shard_dataset  # noqa: E402
+from tasks.sample.stage import sample_images  # noqa: E402
+from tasks.shard.stage import shard_dataset  # noqa: E402
 from tasks.storage import open_store  # noqa: E402
-from tasks.train_loop import TrainJob, run_training  # noqa: E402
+from tasks.train.loop import TrainJob, run_training  # noqa: E402
 
 MNIST = SHARED_DATA / "mnist"
 

@@ -1,9 +1,9 @@
 """The sampling job: actor-pool scaling and the sampler's overhead over the bare network.
 
-1. Scaling: `tasks.sample.sample_images` (the product's job: actor pool, shards, receipts, manifest)
+1. Scaling: `tasks.sample.stage.sample_images` (the product's job: actor pool, shards, receipts, manifest)
    with 1 actor x 1 CPU and with 2 actors x 1 CPU each, the same images, on a local Ray cluster;
    images/s of the whole job, actor start included. Target: 2 actors >= 1.8x 1 actor.
-2. Overhead: `tasks.sample.generate` (per-image generators, float64 step maths, uint8 images) at
+2. Overhead: `tasks.sample.stage.generate` (per-image generators, float64 step maths, uint8 images) at
    batch B and NFE n vs the bound the network itself sets, B / (n x one forward of B images), in
    one process and thread count. Target >= 0.95. The whole seed range (PNG + tar) is reported too.
 
@@ -36,7 +36,7 @@ from tasks import layout  # noqa: E402
 from tasks.config import ModelConfig, RayConfig, SampleConfig, StorageConfig  # noqa: E402
 from tasks.ray_runtime import ensure_ray  # noqa: E402
 from tasks.records import Checkpoint  # noqa: E402
-from tasks.sample import SeedRangeSampler, generate, sample_images  # noqa: E402
+from tasks.sample.stage import SeedRangeSampler, generate, sample_images  # noqa: E402
 from tasks.storage import Store, sha256_bytes  # noqa: E402
 
 

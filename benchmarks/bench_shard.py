@@ -116,7 +116,7 @@ def reference_s3(fs: object, keys: list[str], source: str, bucket: str, out: Pat
 
 def ours(dataset: str, storage: dict[str, object], workers: int, max_images: int | None) -> int:
     from tasks.config import DataConfig, RayConfig, StorageConfig
-    from tasks.shard import shard_dataset
+    from tasks.shard.stage import shard_dataset
     from tasks.storage import Store
 
     cfg = DataConfig(dataset=dataset, channels=1, workers=workers, max_images=max_images)

@@ -32,11 +32,11 @@ from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
 from tasks import layout  # noqa: E402
 from tasks.config import PipelineConfig, resolve_config  # noqa: E402
 from tasks.records import DatasetManifest, LogWindow, TrainHistory  # noqa: E402
-from tasks.shard import shard_dataset  # noqa: E402
+from tasks.shard.stage import shard_dataset  # noqa: E402
 from tasks.storage import Store  # noqa: E402
-from tasks.train import train  # noqa: E402
-from tasks.train_data import RankBatches, load_batches  # noqa: E402
-from tasks.train_loop import TrainJob, run_training  # noqa: E402
+from tasks.train.data import RankBatches, load_batches  # noqa: E402
+from tasks.train.loop import TrainJob, run_training  # noqa: E402
+from tasks.train.stage import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = SHARED_DATA

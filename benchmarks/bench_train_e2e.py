@@ -1,6 +1,6 @@
 """End-to-end training throughput: our training loop against the loop a diffusers user writes.
 
-Ours: `tasks.train_loop.run_training` as every Ray Train worker runs it: batches streamed from
+Ours: `tasks.train.loop.run_training` as every Ray Train worker runs it: batches streamed from
 the WebDataset shards in the store, decoded in a background data worker, the diffusion loss, AdamW,
 gradient clipping, EMA, checkpoints (model + EMA + optimizer) written to the store.
 
@@ -43,9 +43,9 @@ from benchmarks._common import (  # noqa: E402
 from diffusion_core.unet import UNet  # noqa: E402
 from tasks.config import PipelineConfig, resolve_config  # noqa: E402
 from tasks.records import DatasetManifest  # noqa: E402
-from tasks.shard import shard_dataset  # noqa: E402
+from tasks.shard.stage import shard_dataset  # noqa: E402
 from tasks.storage import Store  # noqa: E402
-from tasks.train_loop import TrainJob, run_training, unet_config_for  # noqa: E402
+from tasks.train.loop import TrainJob, run_training, unet_config_for  # noqa: E402
 from tasks.webdata import iter_raw_samples  # noqa: E402
 
 DATA = SHARED_DATA

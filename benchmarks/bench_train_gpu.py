@@ -181,7 +181,7 @@ def main() -> None:
 
     # 4. Inception feature extraction (stand-in weights: same network, same speed).
     from tasks.config import EvalConfig, StorageConfig
-    from tasks.inception import extract_features, resolve_extractor
+    from tasks.evaluate.inception import extract_features, resolve_extractor
     from tasks.storage import Store
 
     with tempfile.TemporaryDirectory() as tmp:

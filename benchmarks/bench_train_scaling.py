@@ -28,9 +28,9 @@ from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
 from tasks import layout  # noqa: E402
 from tasks.config import PipelineConfig, resolve_config  # noqa: E402
 from tasks.records import TrainHistory  # noqa: E402
-from tasks.shard import shard_dataset  # noqa: E402
+from tasks.shard.stage import shard_dataset  # noqa: E402
 from tasks.storage import Store  # noqa: E402
-from tasks.train import train  # noqa: E402
+from tasks.train.stage import train  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -18,7 +18,6 @@ from pydantic import BaseModel
 from flows.watchdog import start_watchdog
 from tasks import layout
 from tasks.config import ConfigError, load_config, to_yaml
-from tasks.datasets import check_source
 from tasks.errors import describe_failure
 from tasks.records import (
     Champion,
@@ -32,6 +31,7 @@ from tasks.records import (
     TrainResult,
 )
 from tasks.runtime import setup_process
+from tasks.shard.datasets import check_source
 from tasks.storage import Store, open_store
 
 STAGES = {
@@ -129,7 +129,7 @@ def _print_result(result: BaseModel, seconds: float | None = None) -> None:
 
 def _promote(store: Store, model_name: str, rollback: bool) -> int:
     """`diffpipe promote`: the champion and the recent nights; `--rollback` restores the previous."""
-    from tasks.promote import rollback as roll_back
+    from tasks.promote.stage import rollback as roll_back
 
     layout.part(model_name, "model name")
     if rollback:

@@ -37,9 +37,9 @@ from tasks.records import (
     StageTiming,
     TrainResult,
 )
-from tasks.report import nightly_summary
+from tasks.report.stage import nightly_summary
 from tasks.runtime import setup_process
-from tasks.sample import find_sample_set
+from tasks.sample.stage import find_sample_set
 from tasks.storage import open_store
 
 

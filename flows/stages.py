@@ -26,8 +26,8 @@ from tasks.config import (
     SampleConfig,
     StorageConfig,
 )
-from tasks.evaluate_ray import evaluate
-from tasks.promote import promote_if_better
+from tasks.evaluate.stage import evaluate
+from tasks.promote.stage import promote_if_better
 from tasks.records import (
     Checkpoint,
     DatasetManifest,
@@ -40,12 +40,12 @@ from tasks.records import (
     ShardResult,
     TrainResult,
 )
-from tasks.report import render_markdown, write_nightly_report
+from tasks.report.stage import render_markdown, write_nightly_report
 from tasks.retry import STAGE_RETRIES, STAGE_RETRY_DELAY_S, is_transient
-from tasks.sample import sample_images
-from tasks.shard import shard_dataset
+from tasks.sample.stage import sample_images
+from tasks.shard.stage import shard_dataset
 from tasks.storage import open_store
-from tasks.train import train
+from tasks.train.stage import train
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -85,7 +85,7 @@ class Record(_Model):
 # -- shard ---------------------------------------------------------------------------------------
 class ShardInfo(_Model):
     """One WebDataset .tar object: its key, sample count, sha256 and size in bytes; a dataset
-    shard also names the listing chunk it was written from (`tasks.shard.chunk_id`)."""
+    shard also names the listing chunk it was written from (`tasks.shard.stage.chunk_id`)."""
 
     key: str
     count: int

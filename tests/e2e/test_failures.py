@@ -19,9 +19,9 @@ import torch
 from tasks import layout
 from tasks.config import load_config
 from tasks.records import Checkpoint
-from tasks.shard import shard_dataset
+from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
-from tasks.train_loop import TrainJob, run_training
+from tasks.train.loop import TrainJob, run_training
 from tests.conftest import REPO
 from tests.training_state import assert_same_training_state, final_state
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import StorageConfig
-from tasks.report import SECTIONS, write_nightly_report
+from tasks.report.stage import SECTIONS, write_nightly_report
 from tasks.storage import Store
 from tests.integration.test_report import write_two_nights
 

@@ -15,11 +15,11 @@ from tasks import layout
 from tasks.config import DataConfig, PipelineConfig, SampleConfig, StorageConfig
 from tasks.ray_runtime import ResourcesUnavailableError
 from tasks.records import DatasetManifest
-from tasks.sample import sample_images
-from tasks.shard import shard_dataset, verify_manifest
+from tasks.sample.stage import sample_images
+from tasks.shard.stage import shard_dataset, verify_manifest
 from tasks.storage import Store
-from tasks.train import train
-from tasks.train_loop import TrainJob, run_training
+from tasks.train.loop import TrainJob, run_training
+from tasks.train.stage import train
 from tasks.webdata import ShardReadError, iter_images
 
 SMALL = {

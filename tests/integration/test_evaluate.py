@@ -27,15 +27,15 @@ from diffusion_core.fid import feature_moments, frechet_distance, kernel_incepti
 from diffusion_core.unet import UNetConfig
 from tasks import layout
 from tasks.config import DataConfig, EvalConfig, ModelConfig, SampleConfig, StorageConfig
-from tasks.evaluate import evaluate_samples, reference_features
-from tasks.features import KID_SUBSETS
-from tasks.inception import (
+from tasks.evaluate.features import KID_SUBSETS
+from tasks.evaluate.inception import (
     STANDARD_FILENAME,
     ExtractorInfo,
     extract_features,
     load_extractor,
     resolve_extractor,
 )
+from tasks.evaluate.scoring import evaluate_samples, reference_features
 from tasks.records import (
     Checkpoint,
     DatasetManifest,
@@ -171,7 +171,7 @@ def test_standin_is_shared_through_the_store(
     assert key in store.list(layout.extractors_prefix())
     assert store.sha256(key) == standin.sha256
     # Another worker with an empty local cache gets the same bytes from the store.
-    with caplog.at_level(logging.WARNING, logger="tasks.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="tasks.evaluate.scoring"):
         again = resolve_extractor(
             EvalConfig(), store, cache_dir=tmp_path, standard_url=_unreachable_url()
         )
@@ -402,7 +402,7 @@ def test_degenerate_samples_are_flagged_and_never_promoted(
     store: Store, dataset_manifest: DatasetManifest, standin: ExtractorInfo, tmp_path: Path
 ) -> None:
     from tasks.config import PromoteConfig
-    from tasks.promote import promote_if_better
+    from tasks.promote.stage import promote_if_better
 
     black = _write_samples(store, np.zeros((8, 1, 28, 28), np.uint8))  # a diverged model's output
     cfg = EvalConfig(metrics=("fid",), grid_images=8, batch_size=8, repeats=1)
@@ -434,7 +434,7 @@ def test_distributed_fid_equals_single_process_fid_per_repeat(
     ray_cluster: None,
 ) -> None:
     from tasks.config import RayConfig
-    from tasks.evaluate_ray import RayPool
+    from tasks.evaluate.stage import RayPool
 
     images = mnist[3000 : 3000 + 2 * N_REPEAT]  # two repeats, two shards each
     sample_set = _write_samples(store, images, repeats=2)

@@ -29,10 +29,10 @@ from tasks import layout
 from tasks.config import PipelineConfig, StorageConfig
 from tasks.records import Checkpoint, SampleSet
 from tasks.retry import is_transient
-from tasks.sample import sample_images
-from tasks.shard import shard_dataset
+from tasks.sample.stage import sample_images
+from tasks.shard.stage import shard_dataset
 from tasks.storage import StorageUnavailableError, Store, open_store
-from tasks.train_loop import TrainJob, run_training
+from tasks.train.loop import TrainJob, run_training
 
 pytestmark = pytest.mark.slow  # an S3 server, a proxy process, Ray, and two 30 s outages
 

@@ -12,7 +12,7 @@ from scipy.stats import t as student_t
 from diffusion_core.unet import UNetConfig
 from tasks import layout
 from tasks.config import ModelConfig, PromoteConfig, SampleConfig, StorageConfig
-from tasks.promote import NothingToRollBackError, promote_if_better, rollback
+from tasks.promote.stage import NothingToRollBackError, promote_if_better, rollback
 from tasks.records import (
     Champion,
     Checkpoint,
@@ -244,7 +244,7 @@ def test_a_non_finite_evaluation_is_never_promoted(store, bad):
 def test_an_evaluation_recorded_before_clip_x0_is_not_comparable_with_a_clipped_one():
     """Images sampled before `sample.clip_x0` existed were not clipped: reading such a record
     must not make it look like one made with today's default."""
-    from tasks.promote import incomparable_reasons
+    from tasks.promote.stage import incomparable_reasons
 
     new = _metrics([0.5, 0.52, 0.51])
     old_json = _metrics([0.6, 0.62, 0.61]).model_dump(mode="json")

@@ -11,10 +11,10 @@ import pytest
 
 from tasks import layout
 from tasks.config import PromoteConfig, StorageConfig
-from tasks.evaluate import make_grid
-from tasks.promote import promote_if_better
+from tasks.evaluate.scoring import make_grid
+from tasks.promote.stage import promote_if_better
 from tasks.records import LogWindow, NightlySummary, StageTiming, TrainHistory
-from tasks.report import SECTIONS, write_nightly_report
+from tasks.report.stage import SECTIONS, write_nightly_report
 from tasks.storage import Store
 from tasks.webdata import encode_png
 from tests.integration.test_promote import NIGHTS, _checkpoint, _metrics

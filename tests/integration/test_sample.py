@@ -15,16 +15,16 @@ import pytest
 from tasks import layout
 from tasks.config import PipelineConfig, SampleConfig, StorageConfig
 from tasks.records import Checkpoint, SampleSet
-from tasks.sample import (
+from tasks.sample.stage import (
     SeedRangeSampler,
     find_sample_set,
     sample_images,
     sample_seed_range,
     sample_set_name,
 )
-from tasks.shard import shard_dataset
+from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
-from tasks.train_loop import TrainJob, run_training
+from tasks.train.loop import TrainJob, run_training
 from tasks.webdata import iter_raw_samples
 
 CFG = {
@@ -51,7 +51,7 @@ def checkpoint(tmp_path_factory):
 
 def _weights(store: Store, ckpt: Checkpoint) -> str:
     """A weights-only file of the checkpoint's EMA, as the sample stage writes for its tasks."""
-    from tasks.sample import _write_weights
+    from tasks.sample.stage import _write_weights
 
     key = f"w/{ckpt.step}.pt"
     if not store.exists(key):

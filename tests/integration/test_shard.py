@@ -7,7 +7,7 @@ import pytest
 
 from tasks.config import DataConfig, StorageConfig
 from tasks.records import DatasetManifest
-from tasks.shard import shard_dataset, split_of, verify_manifest
+from tasks.shard.stage import shard_dataset, split_of, verify_manifest
 from tasks.storage import Store
 from tasks.webdata import iter_raw_samples, read_images
 from tests.integration.imagefolders import make_folder
@@ -130,12 +130,14 @@ def test_progress_lines_carry_the_count_of_the_listing(tmp_path, monkeypatch, ca
     import logging
     import threading
 
-    import tasks.shard
+    import tasks.shard.stage
 
     make_folder(tmp_path / "src", per_class=40, size=8)
     cfg = DataConfig(dataset=f"imagefolder:{tmp_path / 'src'}", samples_per_shard=4, workers=0)
-    monkeypatch.setattr(tasks.shard, "PROGRESS_EVERY_S", 0.0)  # a line per chunk, count at once
-    with caplog.at_level(logging.INFO, logger="tasks.shard"):
+    monkeypatch.setattr(
+        tasks.shard.stage, "PROGRESS_EVERY_S", 0.0
+    )  # a line per chunk, count at once
+    with caplog.at_level(logging.INFO, logger="tasks.shard.stage"):
         shard_dataset(cfg, Store(StorageConfig(root=str(tmp_path / "store"))))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shard: ")]
     assert len(lines) >= 5, lines
@@ -143,7 +145,7 @@ def test_progress_lines_carry_the_count_of_the_listing(tmp_path, monkeypatch, ca
 
     timers: list[threading.Timer] = []
     start = threading.Timer.start
-    monkeypatch.setattr(tasks.shard, "PROGRESS_EVERY_S", 3600.0)
+    monkeypatch.setattr(tasks.shard.stage, "PROGRESS_EVERY_S", 3600.0)
     monkeypatch.setattr(threading.Timer, "start", lambda t: (timers.append(t), start(t))[1])
     shard_dataset(cfg, Store(StorageConfig(root=str(tmp_path / "store2"))))
     assert len(timers) == 1

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tasks.config import DataConfig, StorageConfig
-from tasks.shard import shard_dataset, verify_manifest
+from tasks.shard.stage import shard_dataset, verify_manifest
 from tasks.storage import Store
 from tasks.webdata import iter_raw_samples
 from tests.integration.imagefolders import make_folder, write_png

@@ -14,8 +14,8 @@ import pytest
 
 from tasks.config import DataConfig, StorageConfig
 from tasks.records import DatasetManifest
-from tasks.shard import shard_dataset, verify_manifest
-from tasks.sources import BadImageError
+from tasks.shard.sources import BadImageError
+from tasks.shard.stage import shard_dataset, verify_manifest
 from tasks.storage import Store
 from tests.integration.imagefolders import make_folder
 

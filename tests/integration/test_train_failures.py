@@ -15,9 +15,9 @@ import pytest
 from tasks import layout
 from tasks.config import PipelineConfig, StorageConfig
 from tasks.records import Checkpoint, TrainHistory
-from tasks.shard import shard_dataset
+from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
-from tasks.train import train
+from tasks.train.stage import train
 from tests.training_state import assert_same_training_state, final_state
 
 pytestmark = pytest.mark.slow

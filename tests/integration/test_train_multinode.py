@@ -16,9 +16,9 @@ import textwrap
 import pytest
 
 from tasks.config import load_config
-from tasks.shard import shard_dataset
+from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
-from tasks.train import train
+from tasks.train.stage import train
 from tests.conftest import REPO
 from tests.training_state import assert_same_training_state, final_state
 
@@ -46,9 +46,9 @@ DRIVER = textwrap.dedent(
     import logging, sys
     from tasks.config import load_config
     from tasks.records import DatasetManifest
-    from tasks.shard import shard_dataset
+    from tasks.shard.stage import shard_dataset
     from tasks.storage import Store
-    from tasks.train import train
+    from tasks.train.stage import train
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     cfg = load_config(None, sys.argv[1:])

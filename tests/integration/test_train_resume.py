@@ -12,18 +12,18 @@ from diffusion_core.checkpoint import load_checkpoint
 from tasks import layout
 from tasks.config import ModelConfig, PipelineConfig, StorageConfig
 from tasks.records import Checkpoint, DatasetManifest, ShardInfo, TrainHistory
-from tasks.shard import shard_dataset
+from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
-from tasks.train import train
-from tasks.train_data import (
+from tasks.train.data import (
     RankBatches,
     hflip_mask,
     load_batches,
     shards_for_rank,
     stream_samples,
 )
-from tasks.train_log import SCALARS
-from tasks.train_loop import DivergedError, TrainJob, run_training
+from tasks.train.log import SCALARS
+from tasks.train.loop import DivergedError, TrainJob, run_training
+from tasks.train.stage import train
 from tests.training_state import assert_same_training_state
 
 SMALL = {

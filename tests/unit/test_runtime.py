@@ -20,7 +20,7 @@ def test_imports_have_no_side_effects_and_setup_is_explicit() -> None:
             # third-party packages set their own variables on import (torch's inductor cache)
             "import torch, prefect, webdataset, fsspec, torch_fidelity",
             "before = dict(os.environ)",
-            "import flows.cli, flows.nightly, flows.stages, flows.deploy, tasks.train, tasks.sample",
+            "import flows.cli, flows.nightly, flows.stages, flows.deploy, tasks.train.stage, tasks.sample.stage",
             "changed = {k: v for k, v in os.environ.items() if before.get(k) != v}",
             "g = sys.modules['webdataset.gopen']",
             "from tasks.runtime import setup_process",

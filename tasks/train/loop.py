@@ -28,8 +28,8 @@ from tasks.config import ModelConfig, PipelineConfig, TrainConfig
 from tasks.records import Checkpoint, DatasetManifest, LogWindow, TrainResult
 from tasks.runtime import temp_prefix
 from tasks.storage import Store, open_store, sha256_bytes
-from tasks.train_data import RankBatches, load_batches, to_device
-from tasks.train_log import RunLog
+from tasks.train.data import RankBatches, load_batches, to_device
+from tasks.train.log import RunLog
 
 log = logging.getLogger(__name__)
 FUSED_ADAMW = ("cpu", "cuda")

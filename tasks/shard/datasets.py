@@ -3,7 +3,7 @@ Fashion-MNIST / CIFAR-10 from a local root in torchvision's layout.
 
 Each loader returns the whole source as uint8 [N, C, H, W] plus int labels; sharding cuts it up.
 These datasets are bounded (at most 70,000 small images); `imagefolder:` sources of any size are
-streamed file by file instead (`tasks.sources`).
+streamed file by file instead (`tasks.shard.sources`).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def check_source(cfg: DataConfig) -> None:
     elif name.startswith("imagefolder:"):
         spec = name.split(":", 1)[1]
         if not spec.startswith("s3://"):  # an S3 source is checked with the store's settings
-            from tasks.sources import file_source
+            from tasks.shard.sources import file_source
 
             file_source(spec, StorageConfig())
 
@@ -185,7 +185,7 @@ def load_source(cfg: DataConfig) -> Source:
         src = _mnist_like("fashion-mnist", "FashionMNIST", cfg, names)
     elif name == "cifar10":
         src = _cifar10(cfg)
-    else:  # the config validator already refuses this; imagefolder: is tasks.sources'
+    else:  # the config validator already refuses this; imagefolder: is tasks.shard.sources'
         raise ValueError(f"dataset {name!r} unknown; choose one of: {DATASET_CHOICES}")
     images, labels = src.images, src.labels
     if cfg.max_images is not None and len(images) > cfg.max_images:

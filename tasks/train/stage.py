@@ -22,7 +22,7 @@ from tasks.ray_runtime import check_resources, ensure_ray
 from tasks.records import Checkpoint, DatasetManifest, LogWindow, RecordFormatError, TrainResult
 from tasks.runtime import temp_prefix
 from tasks.storage import Store
-from tasks.train_loop import (
+from tasks.train.loop import (
     DivergedError,
     TrainJob,
     check_resume_compatible,

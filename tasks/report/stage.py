@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import Literal
 
-from tasks import figures, layout
+from tasks import layout
 from tasks.records import (
     MetricName,
     Metrics,
@@ -34,6 +34,7 @@ from tasks.records import (
     TrainHistory,
     TrainResult,
 )
+from tasks.report import figures
 from tasks.storage import Store
 
 log = logging.getLogger(__name__)

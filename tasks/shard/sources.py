@@ -3,7 +3,7 @@
 `imagefolder:URL` names a local folder or `s3://bucket/prefix/` with one subfolder per class, or a
 JSONL/CSV listing of (url, label) rows. The driver streams the listing (keys, sizes, etags or
 mtimes: never an image) in a fixed order; a shard task reads, decodes, checks and encodes the
-images of its chunk. The in-memory datasets (digits, MNIST, CIFAR-10) are `tasks.datasets`'.
+images of its chunk. The in-memory datasets (digits, MNIST, CIFAR-10) are `tasks.shard.datasets`'.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ FID of all the features, with no features gathered anywhere. KID and IS need the
 themselves: a worker scores one repeat from the stored features (`scores`), so a re-evaluation,
 or another metric later, extracts nothing again.
 
-The same worker runs in this process (`LocalPool`) or as a Ray actor (`tasks.evaluate_ray`).
+The same worker runs in this process (`LocalPool`) or as a Ray actor (`tasks.evaluate.stage`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch_fidelity.metric_isc import (
 
 from diffusion_core.fid import FeatureMoments, kernel_inception_distance
 from tasks.config import EvalConfig, StorageConfig
-from tasks.inception import FEATURES, ExtractorInfo, load_extractor, resolve_extractor
+from tasks.evaluate.inception import FEATURES, ExtractorInfo, load_extractor, resolve_extractor
 from tasks.storage import Store, open_store, sha256_file
 from tasks.webdata import DecodedSample, iter_images
 

@@ -39,7 +39,6 @@ import numpy as np
 
 from tasks import layout
 from tasks.config import DataConfig, RayConfig, StorageConfig
-from tasks.datasets import load_source
 from tasks.records import (
     DatasetManifest,
     RecordFormatError,
@@ -48,7 +47,8 @@ from tasks.records import (
     SkippedFile,
     SplitInfo,
 )
-from tasks.sources import (
+from tasks.shard.datasets import load_source
+from tasks.shard.sources import (
     BadImageError,
     FileSource,
     Item,

@@ -1,11 +1,11 @@
 """Evaluate a sample set: FID/KID/IS against the held-out split, with a labelled feature extractor.
 
 The extractor is torch-fidelity's InceptionV3 ("inception-v3-compat"), resolved in
-`tasks.inception`: the standard weights make FIDs comparable with published ones; a seeded stand-in
+`tasks.evaluate.inception`: the standard weights make FIDs comparable with published ones; a seeded stand-in
 keeps the pipeline running offline, and every artifact then says that its numbers are NOT
 comparable with published FIDs.
 
-The work is shard by shard (`tasks.features`): workers stream each sample shard through the
+The work is shard by shard (`tasks.evaluate.features`): workers stream each sample shard through the
 extractor, keep its features in the store and return their exact moments; this driver adds the
 moments of each repeat up and computes its FID, so its memory does not grow with the number of
 images. With `evaluate.repeats = k` every repeat (a disjoint seed range of `num_images`) is scored
@@ -34,7 +34,7 @@ import torch_fidelity
 from diffusion_core.fid import FeatureMoments, feature_moments, frechet_distance
 from tasks import layout
 from tasks.config import EvalConfig
-from tasks.features import (
+from tasks.evaluate.features import (
     KID_SUBSETS,
     FeatureWorker,
     ImageChecks,
@@ -45,7 +45,7 @@ from tasks.features import (
     ShardJob,
     WorkerPool,
 )
-from tasks.inception import ExtractorInfo, resolve_extractor
+from tasks.evaluate.inception import ExtractorInfo, resolve_extractor
 from tasks.jobs import Progress
 from tasks.records import DatasetManifest, Evaluation, Metrics, Provenance, SampleSet
 from tasks.storage import Store
@@ -362,7 +362,7 @@ def evaluate_samples(
 ) -> Evaluation:
     """Score the sample set `samples` against the held-out split of `dataset`.
 
-    The shards are extracted on `pool` (`tasks.evaluate_ray` passes a pool of Ray actors; by
+    The shards are extracted on `pool` (`tasks.evaluate.stage` passes a pool of Ray actors; by
     default this process). Writes `grid.png`, `report.md` and, last, `metrics.json` (each
     atomically) to the set's evaluation folder. `extractor` skips resolution (a flow resolves once
     and scores many sample sets); by default `resolve_extractor(cfg, store)`.

@@ -1,6 +1,6 @@
-"""The distributed evaluation: a pool of Ray actors (`tasks.features.FeatureWorker`), each loading
+"""The distributed evaluation: a pool of Ray actors (`tasks.evaluate.features.FeatureWorker`), each loading
 the extractor once (on its own GPU with `evaluate.use_gpu`), extracts the sample shards in
-parallel; the driver (`tasks.evaluate.evaluate_samples`) only adds up their moments."""
+parallel; the driver (`tasks.evaluate.scoring.evaluate_samples`) only adds up their moments."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from tasks.config import EvalConfig, RayConfig
-from tasks.evaluate import evaluate_samples
-from tasks.features import FeatureWorker, RepeatScores, ScoreJob, ShardFeatures, ShardJob
-from tasks.inception import ExtractorInfo, resolve_extractor
+from tasks.evaluate.features import FeatureWorker, RepeatScores, ScoreJob, ShardFeatures, ShardJob
+from tasks.evaluate.inception import ExtractorInfo, resolve_extractor
+from tasks.evaluate.scoring import evaluate_samples
 from tasks.jobs import pool_size
 from tasks.ray_runtime import check_resources, ensure_ray
 from tasks.records import DatasetManifest, Evaluation, SampleSet
