@@ -1,28 +1,45 @@
-"""Shared helpers for the benchmarks: the matching diffusers reference and result files."""
+"""Shared helpers for the benchmarks: the matching diffusers reference, the benchmark config's
+sections, timing and result files.
+
+A benchmark runs as a module from the repository root, `uv run python -m benchmarks.bench_x`, and
+its `main` calls `tasks.runtime.setup_process()` first, as the CLI does. This module imports torch
+and `diffusion_core` only (no Ray, Prefect or pydantic): the GPU benchmarks run where only those
+are installed.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import platform
 import shlex
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from diffusion_core.unet import UNetConfig
-
-# The shared test data (`../shared/data`, MNIST under `mnist/`): the folder the tests read, through
-# the same variable.
-SHARED_DATA = Path(
-    os.environ.get("DIFFPIPE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+from tests.support.paths import SHARED_DATA
 
 RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def mnist_settings(images: int) -> dict[str, dict[str, Any]]:
+    """The data and model sections of the training benchmarks' "benchmark config" (RESULTS.md):
+    the first `images` of MNIST's test set at 28x28 from the shared test data, a UNet of 1.19 M
+    parameters (base 32, levels 1-2-2, attention at 7x7)."""
+    return {
+        "data": {
+            "dataset": "mnist",
+            "root": str(SHARED_DATA / "mnist"),
+            "source_split": "test",
+            "max_images": images,
+        },
+        "model": {"base_channels": 32, "channel_mult": [1, 2, 2], "attention_resolutions": [7]},
+    }
 
 
 def diffusers_unet(cfg: UNetConfig) -> nn.Module:
@@ -80,10 +97,18 @@ def machine_description(device: str) -> str:
     return ", ".join(parts)
 
 
+def command_line() -> str:
+    """How this benchmark was started, as a user types it: `uv run python -m benchmarks.bench_x
+    ARGS`."""
+    spec = sys.modules["__main__"].__spec__
+    program = f"-m {spec.name}" if spec is not None else shlex.quote(sys.argv[0])
+    return " ".join(["uv run python", program, *(shlex.quote(a) for a in sys.argv[1:])])
+
+
 def write_results(name: str, title: str, device: str, body: str) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / name
-    command = "uv run python " + " ".join(shlex.quote(a) for a in sys.argv)
+    command = command_line()
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     text = (
         f"# {title}\n\n- Date: {now}\n- Machine: {machine_description(device)}\n"

@@ -8,13 +8,12 @@ us) and the same weights file (the seeded stand-in InceptionV3; torch-fidelity r
   features in the store, moments) -- target >= 1.0x the CLI;
 - ours, 1 worker x 1 CPU and 2 workers x 1 CPU each -- target 2 workers >= 1.8x 1 worker.
 
-    uv run python benchmarks/bench_extraction.py [--quick] [--device cuda]
+    uv run python -m benchmarks.bench_extraction [--quick] [--device cuda]
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import logging
 import os
 import shutil
@@ -26,21 +25,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
-from tasks import layout  # noqa: E402
-from tasks.config import EvalConfig, RayConfig, StorageConfig  # noqa: E402
-from tasks.evaluate.features import ShardJob  # noqa: E402
-from tasks.evaluate.inception import resolve_extractor  # noqa: E402
-from tasks.evaluate.stage import RayPool  # noqa: E402
-from tasks.ray_runtime import ensure_ray  # noqa: E402
-from tasks.storage import Store  # noqa: E402
-from tasks.webdata import encode_png, write_shard  # noqa: E402
-
-MNIST = SHARED_DATA / "mnist"
+from benchmarks._common import write_results
+from tasks import layout
+from tasks.config import EvalConfig, RayConfig, StorageConfig
+from tasks.evaluate.features import ShardJob
+from tasks.evaluate.inception import resolve_extractor
+from tasks.evaluate.stage import RayPool
+from tasks.ray_runtime import ensure_ray
+from tasks.runtime import setup_process
+from tasks.storage import Store
+from tasks.webdata import encode_png, write_shard
+from tests.support.paths import MNIST, read_idx
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,23 +50,17 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def mnist_images(n: int) -> np.ndarray:
-    with gzip.open(MNIST / "t10k-images-idx3-ubyte.gz") as f:
-        raw = f.read()
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:n].copy()
-
-
 def main() -> None:
     args = parse_args()
+    setup_process()
     args.images = args.images or (64 if args.quick else 192)
     args.reps = args.reps or (1 if args.quick else 2)
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     gpu = args.device.startswith("cuda")
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         store = Store(StorageConfig(root=str(work / "store")))
-        images = mnist_images(args.images)
+        images = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")[: args.images]
         png_dir = work / "png"
         png_dir.mkdir()
         for i, img in enumerate(images):
@@ -96,7 +85,9 @@ def main() -> None:
                 runs_done["n"] += 1
                 # fresh feature keys every run: nothing is read back from an earlier one
                 sha = f"{runs_done['n']:04d}" + extractor.sha256[4:]
-                cfg = EvalConfig(batch_size=args.batch, num_workers=workers, cpus=cpus, use_gpu=gpu)
+                cfg = EvalConfig(
+                    batch_size=args.batch, workers=workers, cpus_per_worker=cpus, use_gpu=gpu
+                )
                 pool = RayPool(store, cfg, RayConfig(), extractor, 1, units=len(jobs))
                 try:
                     shard_jobs = [

@@ -5,10 +5,10 @@ a few steps, samples N images on the Ray actor pool (DDIM, few steps) and evalua
 feature pool (stand-in extractor, FID + KID). Peak RSS: the driver's `ru_maxrss`; each Ray actor's
 VmHWM (/proc), polled while it lives. Reference: the same driver at the smallest N.
 
-    uv run python benchmarks/bench_memory.py                  # N = 500 and 2000 (CPU, ~15 min)
-    uv run python benchmarks/bench_memory.py --quick          # N = 100 and 400
+    uv run python -m benchmarks.bench_memory                  # N = 500 and 2000 (CPU, ~15 min)
+    uv run python -m benchmarks.bench_memory --quick          # N = 100 and 400
     # GPU cluster, 50k images (the published-FID size), 3 repeats:
-    RAY_ADDRESS=<head>:6379 uv run python benchmarks/bench_memory.py --images 50000 \\
+    RAY_ADDRESS=<head>:6379 uv run python -m benchmarks.bench_memory --images 50000 \\
         --gpu --storage s3://bucket/bench-memory --repeats 3
 """
 
@@ -27,9 +27,11 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import write_results  # noqa: E402
+from benchmarks._common import write_results
+from tasks.runtime import setup_process
+from tests.support import procs
+from tests.support.config import TINY
+from tests.support.paths import REPO
 
 ACTORS = ("ray::SeedRangeSampler", "ray::FeatureWorker")
 
@@ -46,32 +48,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _descendants(pid: int) -> dict[int, str]:
-    """pid -> command line of every process below `pid`."""
-    parent_of: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        frontier = {p for p, parent in parent_of.items() if parent in frontier} - found
-        found |= frontier
-    out = {}
-    for p in found:
-        try:
-            out[p] = (
-                Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-            )
-        except OSError:
-            continue
-    return out
-
-
 class ActorWatch(threading.Thread):
     """Polls the peak RSS (VmHWM) of our sampling and feature actors while they live."""
 
@@ -82,7 +58,8 @@ class ActorWatch(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set():
-            for pid, title in _descendants(os.getpid()).items():
+            for pid, cmd in procs.below().items():
+                title = cmd.split(b"\0")[0].decode(errors="replace")
                 if not title.startswith(ACTORS):
                     continue
                 try:
@@ -115,7 +92,7 @@ def driver(n: int, args: argparse.Namespace) -> None:
         cfg = PipelineConfig.model_validate(
             {
                 "storage": {"root": args.storage or str(work / "store")},
-                "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4]},
+                "model": TINY["model"],  # the tests' tiny network
                 "train": {"run_id": f"mem-{n}", "batch_size": 16, "steps": 20, "log_every": 10},
                 "sample": {
                     "num_images": n,
@@ -141,7 +118,7 @@ def driver(n: int, args: argparse.Namespace) -> None:
         t0 = time.monotonic()
         samples = sample_images(store, cfg.sample, cfg.ray, ckpt, repeats=args.repeats)
         t1 = time.monotonic()
-        metrics = evaluate(store, cfg.evaluate, cfg.ray, manifest, samples).metrics
+        metrics = evaluate(store, cfg.evaluate, cfg.ray, manifest, samples)
         t2 = time.monotonic()
         watch.stop.set()
         watch.join()
@@ -162,6 +139,7 @@ def driver(n: int, args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
+    setup_process()
     if args.driver is not None:
         driver(args.driver, args)
         return
@@ -169,11 +147,12 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     results = []
     for n in sizes:
-        cmd = [sys.executable, __file__, "--driver", str(n), "--repeats", str(args.repeats)]
+        cmd = [sys.executable, "-m", "benchmarks.bench_memory", "--driver", str(n)]
+        cmd += ["--repeats", str(args.repeats)]
         cmd += (["--gpu"] if args.gpu else []) + (
             ["--storage", args.storage] if args.storage else []
         )
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
         line = next(x for x in out.splitlines() if x.startswith("RESULT "))
         results.append(json.loads(line.removeprefix("RESULT ")))
         print(line, flush=True)

@@ -6,9 +6,9 @@ against the held-out split. The FID uses the seeded STAND-IN InceptionV3 (the st
 cannot be had here): its numbers are NOT comparable with published FIDs, only with each other.
 It must fall as training proceeds; the sample grid of the last step must show digits.
 
-    uv run python benchmarks/bench_quality_mnist.py            # ~20 min on 2 CPU cores
-    uv run python benchmarks/bench_quality_mnist.py --quick    # ~4 min
-    DIFFPIPE_TEST_DATA=/path/to/shared/data uv run python benchmarks/bench_quality_mnist.py
+    uv run python -m benchmarks.bench_quality_mnist            # ~20 min on 2 CPU cores
+    uv run python -m benchmarks.bench_quality_mnist --quick    # ~4 min
+    DIFFPIPE_TEST_DATA=/path/to/shared/data uv run python -m benchmarks.bench_quality_mnist
 """
 
 from __future__ import annotations
@@ -17,24 +17,21 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import RESULTS_DIR, SHARED_DATA, write_results  # noqa: E402
-from tasks.config import PipelineConfig  # noqa: E402
-from tasks.evaluate.stage import evaluate  # noqa: E402
-from tasks.ray_runtime import ensure_ray  # noqa: E402
-from tasks.records import DatasetManifest, Metrics  # noqa: E402
-from tasks.sample.stage import sample_images  # noqa: E402
-from tasks.shard.stage import shard_dataset  # noqa: E402
-from tasks.storage import open_store  # noqa: E402
-from tasks.train.loop import TrainJob, run_training  # noqa: E402
-
-MNIST = SHARED_DATA / "mnist"
+from benchmarks._common import RESULTS_DIR, write_results
+from tasks.config import PipelineConfig
+from tasks.evaluate.stage import evaluate
+from tasks.ray_runtime import ensure_ray
+from tasks.records import DatasetManifest, Metrics
+from tasks.runtime import setup_process
+from tasks.sample.stage import sample_images
+from tasks.shard.stage import shard_dataset
+from tasks.storage import open_store
+from tasks.train.loop import TrainJob, run_training
+from tests.support.paths import MNIST
 
 
 def parse_args() -> argparse.Namespace:
@@ -107,58 +104,65 @@ def report(
     print(f"FID falls: {falls}; last/first = {fids[-1] / fids[0]:.3f}; wrote {path}", flush=True)
 
 
+def quality_config(work: Path, steps: int, n_samples: int, n_reference: int) -> PipelineConfig:
+    """The quality proxy's pipeline: the MNIST test set, the model and training every step of this
+    benchmark uses (`benchmarks.sampler_sweep` trains the same checkpoint), `steps` at most."""
+    return PipelineConfig.model_validate(
+        {
+            "storage": {"root": str(work / "store")},
+            "data": {
+                "dataset": "mnist",
+                "root": str(mnist_root(work)),
+                "source_split": "test",
+                "samples_per_shard": 1000,
+            },
+            "model": {
+                "base_channels": 16,
+                "channel_mult": [1, 2, 2],
+                "attention_resolutions": [7],
+            },
+            "train": {
+                "run_id": "mnist-quality",
+                "batch_size": 32,
+                "lr": 2e-3,
+                "warmup_steps": 20,
+                "ema_decay": 0.995,  # the project's default
+                "ema_warmup_steps": 100,
+                "checkpoint_every": 10_000,
+                "log_every": 50,
+                "steps": steps,
+            },
+            "sample": {
+                "num_images": n_samples,
+                "sampler": "dpmpp_2m",
+                "steps": 20,
+                "spacing": "logsnr",
+                "images_per_task": max(16, n_samples // 4),
+                "batch_size": 64,
+            },
+            "evaluate": {
+                "repeats": 1,  # one sample set per step: the table follows FID over training
+                "metrics": ["fid", "kid"],
+                "max_reference_images": n_reference,
+                "batch_size": 32,
+                "kid_subset_size": min(100, n_samples),
+                "grid_images": 64,
+            },
+            "ray": {"num_cpus": os.cpu_count() or 2},
+        }
+    )
+
+
 def main() -> None:
     args = parse_args()
+    setup_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     steps = args.steps or ([30, 150, 400] if args.quick else [50, 500, 2000, 4000])
     n_samples = args.samples or (96 if args.quick else 256)
     n_reference = args.reference or (128 if args.quick else 500)
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
     try:
-        cfg = PipelineConfig.model_validate(
-            {
-                "storage": {"root": str(work / "store")},
-                "data": {
-                    "dataset": "mnist",
-                    "root": str(mnist_root(work)),
-                    "source_split": "test",
-                    "samples_per_shard": 1000,
-                },
-                "model": {
-                    "base_channels": 16,
-                    "channel_mult": [1, 2, 2],
-                    "attention_resolutions": [7],
-                },
-                "train": {
-                    "run_id": "mnist-quality",
-                    "batch_size": 32,
-                    "lr": 2e-3,
-                    "warmup_steps": 20,
-                    "ema_decay": 0.995,  # the project's default
-                    "ema_warmup_steps": 100,
-                    "checkpoint_every": 10_000,
-                    "log_every": 50,
-                    "steps": max(steps),
-                },
-                "sample": {
-                    "num_images": n_samples,
-                    "sampler": "dpmpp_2m",
-                    "steps": 20,
-                    "spacing": "logsnr",
-                    "images_per_task": max(16, n_samples // 4),
-                    "batch_size": 64,
-                },
-                "evaluate": {
-                    "repeats": 1,  # one sample set per step: the table follows FID over training
-                    "metrics": ["fid", "kid"],
-                    "max_reference_images": n_reference,
-                    "batch_size": 32,
-                    "kid_subset_size": min(100, n_samples),
-                    "grid_images": 64,
-                },
-                "ray": {"num_cpus": os.cpu_count() or 2},
-            }
-        )
+        cfg = quality_config(work, max(steps), n_samples, n_reference)
         store = open_store(cfg.storage)
         manifest = shard_dataset(cfg.data, store).manifest
         ensure_ray(cfg.ray)
@@ -172,7 +176,7 @@ def main() -> None:
             t_train = time.monotonic() - t0
             samples = sample_images(store, cfg.sample, cfg.ray, ckpt)
             t1 = time.monotonic()
-            m = evaluate(store, cfg.evaluate, cfg.ray, manifest, samples).metrics
+            m = evaluate(store, cfg.evaluate, cfg.ray, manifest, samples)
             assert m.fid is not None and m.kid_mean is not None
             rows.append((step, m.fid, m.kid_mean, time.monotonic() - t1, t_train))
             print(f"step {step}: FID {m.fid:.4f}  KID {m.kid_mean:.5f}", flush=True)

@@ -1,6 +1,6 @@
 """Sampler accuracy per NFE on a closed-form distribution, relative to a reference in the same run.
 
-Data: the 4-dim Gaussian N(MU, SIGMA) of tests/unit/gaussian_oracle.py (eigenvalues 0.010 to
+Data: the 4-dim Gaussian N(MU, SIGMA) of tests/support/gaussian_oracle.py (eigenvalues 0.010 to
 1.93), denoised by its exact eps-denoiser, sampling started from the exact marginal at the first
 timestep: the only error left is each sampler's discretisation. Two errors:
 - W2: the 2-Wasserstein (Frechet) distance between the output distribution and the data;
@@ -13,38 +13,34 @@ Two tables per schedule:
 - every sampler at one spacing (--spacing), W2 relative to DDIM (eta = 0) at the same NFE;
 - every timestep spacing for the deterministic samplers, relative to "trailing" at the same NFE.
 
-    uv run python benchmarks/bench_sampler_accuracy.py
-    uv run python benchmarks/bench_sampler_accuracy.py --spacing logsnr
+    uv run python -m benchmarks.bench_sampler_accuracy
+    uv run python -m benchmarks.bench_sampler_accuracy --spacing logsnr
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 from typing import get_args
 
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import write_results  # noqa: E402
-from diffusion_core.samplers import SAMPLERS  # noqa: E402
-from diffusion_core.schedules import (  # noqa: E402
+from benchmarks._common import write_results
+from diffusion_core.samplers import SAMPLERS
+from diffusion_core.schedules import (
     ScheduleKind,
     Spacing,
     alpha_bar_from_betas,
     make_betas,
     make_timesteps,
 )
-from diffusion_core.seeding import ImageNoise  # noqa: E402
-from tests.unit.gaussian_oracle import (  # noqa: E402
-    SIGMA,
-    exact_denoiser,
+from diffusion_core.seeding import ImageNoise
+from tasks.runtime import setup_process
+from tests.support.gaussian_oracle import (
     exact_moments,
-    initial_x,
     moments,
+    monte_carlo,
+    std_error,
     w2_distance,
 )
 
@@ -64,11 +60,6 @@ def nfe_of(name: str, steps: int) -> int:
     return 2 * steps - 1 if name == "heun" else steps
 
 
-def std_error(cov: Tensor) -> float:
-    """max_i |sqrt(C_ii) - sqrt(SIGMA_ii)|: the worst per-dimension error of the output's std."""
-    return float((cov.diagonal().sqrt() - SIGMA.diagonal().sqrt()).abs().max())
-
-
 def output_moments(
     name: str, steps: int, kind: ScheduleKind, spacing: Spacing, ddpm_samples: int
 ) -> tuple[Tensor, Tensor]:
@@ -77,12 +68,9 @@ def output_moments(
     timesteps = make_timesteps(NUM_TIMESTEPS, steps, spacing, alpha_bar=alpha_bar)
     if name != "ddpm":
         return exact_moments(SAMPLERS[name], timesteps, alpha_bar)
-    noise = ImageNoise(range(ddpm_samples))
-    x = initial_x(float(alpha_bar[timesteps[0]]), noise)
-    out = SAMPLERS["ddpm"](
-        exact_denoiser(alpha_bar), x, timesteps, alpha_bar=alpha_bar, noise=noise
+    return moments(
+        monte_carlo(SAMPLERS["ddpm"], timesteps, alpha_bar, ImageNoise(range(ddpm_samples)))
     )
-    return moments(out)
 
 
 def sampler_table(kind: ScheduleKind, spacing: Spacing, ddpm_samples: int) -> str:
@@ -122,11 +110,16 @@ def spacing_table(kind: ScheduleKind) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--spacing", default="trailing", choices=get_args(Spacing))
     p.add_argument("--ddpm-samples", type=int, default=4000)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    setup_process()
 
     start = time.perf_counter()
     sections = []

@@ -8,29 +8,26 @@ Both drive the SAME network (our UNet, eval mode, no grad) from the same initial
 Repetitions alternate (ABBA) after a warm-up; reports median images/s, the ratio, and the max
 difference between the two pipelines' samples as a correctness check.
 
-    uv run python benchmarks/bench_sampling.py
-    uv run python benchmarks/bench_sampling.py --device cuda --bf16 --channels-last --compile
+    uv run python -m benchmarks.bench_sampling
+    uv run python -m benchmarks.bench_sampling --device cuda --bf16 --channels-last --compile
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import n_params, time_interleaved, write_results  # noqa: E402
-from diffusion_core.perf import autocast, configure_model_for_device  # noqa: E402
-from diffusion_core.samplers import make_eps_denoiser, sample_ddim  # noqa: E402
-from diffusion_core.schedules import alpha_bar_from_betas, linear_betas, make_timesteps  # noqa: E402
-from diffusion_core.seeding import ImageNoise  # noqa: E402
-from diffusion_core.unet import UNet, UNetConfig  # noqa: E402
+from benchmarks._common import n_params, time_interleaved, write_results
+from diffusion_core.perf import autocast, configure_model_for_device
+from diffusion_core.samplers import make_eps_denoiser, sample_ddim
+from diffusion_core.schedules import alpha_bar_from_betas, linear_betas, make_timesteps
+from diffusion_core.seeding import ImageNoise
+from diffusion_core.unet import UNet, UNetConfig
+from tasks.runtime import setup_process
 
 NUM_TIMESTEPS = 1000
 
@@ -54,6 +51,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    setup_process()
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import DDIMScheduler

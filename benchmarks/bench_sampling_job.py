@@ -3,13 +3,13 @@
 1. Scaling: `tasks.sample.stage.sample_images` (the product's job: actor pool, shards, receipts, manifest)
    with 1 actor x 1 CPU and with 2 actors x 1 CPU each, the same images, on a local Ray cluster;
    images/s of the whole job, actor start included. Target: 2 actors >= 1.8x 1 actor.
-2. Overhead: `tasks.sample.stage.generate` (per-image generators, float64 step maths, uint8 images) at
+2. Overhead: `tasks.sample.generate.generate` (per-image generators, float64 step maths, uint8 images) at
    batch B and NFE n vs the bound the network itself sets, B / (n x one forward of B images), in
    one process and thread count. Target >= 0.95. The whole seed range (PNG + tar) is reported too.
 
-    uv run python benchmarks/bench_sampling_job.py
-    uv run python benchmarks/bench_sampling_job.py --quick
-    uv run python benchmarks/bench_sampling_job.py --device cuda    # part 2 on a GPU
+    uv run python -m benchmarks.bench_sampling_job
+    uv run python -m benchmarks.bench_sampling_job --quick
+    uv run python -m benchmarks.bench_sampling_job --device cuda    # part 2 on a GPU
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,17 +26,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import time_interleaved, write_results  # noqa: E402
-from diffusion_core.checkpoint import save_checkpoint  # noqa: E402
-from diffusion_core.unet import UNet, UNetConfig  # noqa: E402
-from tasks import layout  # noqa: E402
-from tasks.config import ModelConfig, RayConfig, SampleConfig, StorageConfig  # noqa: E402
-from tasks.ray_runtime import ensure_ray  # noqa: E402
-from tasks.records import Checkpoint  # noqa: E402
-from tasks.sample.stage import SeedRangeSampler, generate, sample_images  # noqa: E402
-from tasks.storage import Store, sha256_bytes  # noqa: E402
+from benchmarks._common import time_interleaved, write_results
+from diffusion_core.checkpoint import save_checkpoint
+from diffusion_core.unet import UNet, UNetConfig
+from tasks import layout
+from tasks.config import ModelConfig, RayConfig, SampleConfig, StorageConfig
+from tasks.ray_runtime import ensure_ray
+from tasks.records import Checkpoint
+from tasks.runtime import setup_process
+from tasks.sample.generate import SeedRangeSampler, generate
+from tasks.sample.stage import sample_images
+from tasks.storage import Store
+from tests.support.records import checkpoint_record
 
 
 def parse_args() -> argparse.Namespace:
@@ -59,17 +59,9 @@ def make_checkpoint(store: Store) -> Checkpoint:
     net = UNet(ucfg)
     nn.init.normal_(net.conv_out.weight, std=0.02)  # not the zero init: images are not flat
     model = ModelConfig(base_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(8,))
-    key = layout.checkpoint("bench", 1)
     data = save_checkpoint({"model": net.state_dict(), "step": 1, "config": {}})
-    store.write_bytes(key, data)
-    return Checkpoint(
-        run_id="bench",
-        step=1,
-        key=key,
-        sha256=sha256_bytes(data),
-        unet=ucfg,
-        model=model,
-        dataset_fingerprint="bench",
+    return checkpoint_record(
+        1, store, run_id="bench", data=data, unet=ucfg, model=model, dataset_fingerprint="bench"
     )
 
 
@@ -80,7 +72,7 @@ def scaling(store: Store, ckpt: Checkpoint, args: argparse.Namespace) -> dict[st
         steps=args.steps,
         batch_size=32,
         images_per_task=32,
-        cpus_per_task=1.0,
+        cpus_per_worker=1.0,
         use_ema=False,
     )
     times: dict[str, list[float]] = {"1 actor": [], "2 actors": []}
@@ -88,7 +80,7 @@ def scaling(store: Store, ckpt: Checkpoint, args: argparse.Namespace) -> dict[st
     for rep in range(args.reps):
         for name in list(times) if rep % 2 == 0 else list(times)[::-1]:
             cfg = base.model_copy(
-                update={"num_workers": 1 if name == "1 actor" else 2, "seed_start": seed}
+                update={"workers": 1 if name == "1 actor" else 2, "seed_start": seed}
             )
             seed += args.images  # a new set every time: nothing to reuse
             start = time.perf_counter()
@@ -148,10 +140,10 @@ def overhead(
 
 def main() -> None:
     args = parse_args()
+    setup_process()
     args.images = args.images or (256 if args.quick else 1024)
     args.reps = args.reps or (1 if args.quick else 2)
     logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     work = Path(tempfile.mkdtemp(prefix="bench-sjob-"))
     try:
         store = Store(StorageConfig(root=str(work)))
@@ -179,7 +171,7 @@ def main() -> None:
             "",
             f"`sample_images`, {args.images} images per job, 16x16x1 UNet (1.19 M parameters), "
             f"{args.steps} DDIM steps, batch 32, 32 images per seed range (one shard each), local "
-            f"Ray cluster with 2 CPUs, `sample.cpus_per_task=1` (torch threads = 1 per actor); "
+            f"Ray cluster with 2 CPUs, `sample.cpus_per_worker=1` (torch threads = 1 per actor); "
             f"whole job incl. actor start, {args.reps} run(s) each, interleaved; median.",
             "",
             "| actors | images/s | job s (median) |",

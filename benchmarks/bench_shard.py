@@ -12,14 +12,13 @@ files, once as is and once mirrored: 20,000 files of 28x28 in ten class folders.
   each object through s3fs and uploads each finished shard).
 Runs alternate (ABBA) so machine noise hits every contender alike; each run writes a fresh store.
 
-    uv run python benchmarks/bench_shard.py            # 20,000 files, 3 reps, S3 on 20,000
-    uv run python benchmarks/bench_shard.py --quick    # 2,000 files, 1 rep
+    uv run python -m benchmarks.bench_shard            # 20,000 files, 3 reps, S3 on 20,000
+    uv run python -m benchmarks.bench_shard --quick    # 2,000 files, 1 rep
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -34,11 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
-
-DATA = SHARED_DATA / "mnist"
+from benchmarks._common import write_results
+from tasks.runtime import setup_process
+from tests.support.paths import MNIST, REPO, read_idx
+from tests.support.s3 import TEST_CREDENTIALS, MotoServer
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,14 +61,8 @@ def export_mnist(folder: Path, n: int) -> list[Path]:
     10,000), written once and reused."""
     from PIL import Image
 
-    def idx(name: str) -> np.ndarray:
-        with gzip.open(DATA / name) as f:
-            data = f.read()
-        ndim = data[3]
-        dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-        return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-    images, labels = idx("t10k-images-idx3-ubyte.gz"), idx("t10k-labels-idx1-ubyte.gz")
+    images = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(MNIST / "t10k-labels-idx1-ubyte.gz")
     paths = []
     for i in range(n):
         path = folder / str(labels[i % 10_000]) / f"{i:05d}.png"
@@ -131,7 +123,11 @@ def driver_rss(dataset: str, storage: dict[str, object], n: int, gcs: str) -> tu
     job = json.dumps({"dataset": dataset, "storage": storage, "n": n})
     env = {**os.environ, "RAY_ADDRESS": gcs}
     done = subprocess.run(
-        [sys.executable, __file__, "--driver", job], env=env, capture_output=True, text=True
+        [sys.executable, "-m", "benchmarks.bench_shard", "--driver", job],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
@@ -164,24 +160,13 @@ def interleave(runs: dict[str, Callable[[int], object]], reps: int) -> dict[str,
     return times
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    from tests.conftest import free_port
-    from tests.conftest import start_moto as start
-
-    port = free_port()
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
-    )
-    return start(port), f"http://127.0.0.1:{port}"
-
-
 def main() -> None:
     args = parse_args()
+    setup_process()
     if args.driver:
         return run_driver(args.driver)
     if args.quick:
         args.files, args.small, args.reps = 2_000, 500, 1
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-shard-"))
     folder = work / f"mnist-png-{args.files}"
     files = export_mnist(folder, args.files)
@@ -191,7 +176,10 @@ def main() -> None:
     import ray
 
     # Moto first: Ray's workers inherit the S3 test credentials from this process.
-    moto = None if args.no_s3 else start_moto()
+    moto = None
+    if not args.no_s3:
+        moto = MotoServer()
+        os.environ.update(TEST_CREDENTIALS)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     gcs = ray.get_runtime_context().gcs_address
     rows: list[str] = []
@@ -219,11 +207,10 @@ def main() -> None:
     rows.append(rss_row("local folder", args.small, n, small, big))
 
     if moto is not None:
-        proc, endpoint = moto
         try:
-            rows += s3_part(args, files, folder, endpoint, gcs, work / "out", proc.pid)
+            rows += s3_part(args, files, folder, moto.endpoint, gcs, work / "out", moto.proc.pid)
         finally:
-            proc.terminate()
+            moto.stop()
     ray.shutdown()
     shutil.rmtree(work / "out", ignore_errors=True)
     body = (

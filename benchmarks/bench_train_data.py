@@ -9,8 +9,8 @@
    rank uses), reading the shards from the S3 test server (moto, on loopback), in images/s,
    against the images/s the trainer consumed in the same config (1.).
 
-    uv run python benchmarks/bench_train_data.py           # ~5 min on 2 cores
-    uv run python benchmarks/bench_train_data.py --quick
+    uv run python -m benchmarks.bench_train_data           # ~5 min on 2 cores
+    uv run python -m benchmarks.bench_train_data --quick
 """
 
 from __future__ import annotations
@@ -18,28 +18,23 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
-from tasks import layout  # noqa: E402
-from tasks.config import PipelineConfig, resolve_config  # noqa: E402
-from tasks.records import DatasetManifest, LogWindow, TrainHistory  # noqa: E402
-from tasks.shard.stage import shard_dataset  # noqa: E402
-from tasks.storage import Store  # noqa: E402
-from tasks.train.data import RankBatches, load_batches  # noqa: E402
-from tasks.train.loop import TrainJob, run_training  # noqa: E402
-from tasks.train.stage import train  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-DATA = SHARED_DATA
+from benchmarks._common import mnist_settings, write_results
+from tasks import layout
+from tasks.config import PipelineConfig, resolve_config
+from tasks.records import DatasetManifest, LogWindow, TrainHistory
+from tasks.runtime import setup_process
+from tasks.shard.stage import shard_dataset
+from tasks.storage import Store
+from tasks.train.data import RankBatches, load_batches
+from tasks.train.loop import TrainJob, run_training
+from tasks.train.stage import train
+from tests.support.s3 import TEST_CREDENTIALS, MotoServer, create_bucket
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,24 +48,6 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.quickstart_steps, args.bench_steps, args.loader_batches = 40, 10, 40
     return args
-
-
-def start_s3() -> tuple[object, str]:
-    """A moto S3 server on loopback (the test suite's S3 test server) and a fresh bucket."""
-    sys.path.insert(0, str(REPO))
-    import boto3
-
-    from tests.conftest import free_port, start_moto
-
-    port = free_port()
-    proc = start_moto(port)
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    bucket = f"bench-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    return proc, f"s3://{bucket}/pipeline|{endpoint}"
 
 
 def config(tree: dict[str, object]) -> PipelineConfig:
@@ -90,14 +67,14 @@ def loader_rate(
         storage=store.config,
         shards=manifest.split("train").shards,
         rank=0,
-        world_size=tc.num_workers,
+        world_size=tc.workers,
         seed=tc.seed,
         shuffle_buffer=tc.shuffle_buffer,
         batch_size=tc.batch_size,
         channels=manifest.channels,
         hflip=cfg.data.hflip,
     )
-    stream = load_batches(dataset, tc.data_workers, torch.device("cpu"))
+    stream = load_batches(dataset, tc.loader_processes, torch.device("cpu"))
     next(stream)  # the worker's start is not the rate
     start = time.perf_counter()
     for _ in range(batches):
@@ -120,9 +97,13 @@ def row(name: str, ws: list[LogWindow]) -> tuple[str, float, float]:
 
 def main() -> None:
     args = parse_args()
+    setup_process()
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
-    proc, s3 = start_s3()
-    root, endpoint = s3.split("|")
+    # The test suite's S3 test server; Ray's workers inherit its credentials from this process.
+    moto = MotoServer()
+    os.environ.update(TEST_CREDENTIALS)
+    endpoint = moto.endpoint
+    root = f"s3://{create_bucket(endpoint, 'bench')}/pipeline"
     load_before = os.getloadavg()[0]
     try:
         # The Quickstart's config (defaults), its training on Ray with 2 workers, data on S3.
@@ -145,17 +126,7 @@ def main() -> None:
         bench_cfg = config(
             {
                 "storage": {"root": str(work / "store")},
-                "data": {
-                    "dataset": "mnist",
-                    "root": str(DATA / "mnist"),
-                    "source_split": "test",
-                    "max_images": 4000,
-                },
-                "model": {
-                    "base_channels": 32,
-                    "channel_mult": [1, 2, 2],
-                    "attention_resolutions": [7],
-                },
+                **mnist_settings(4000),
                 "train": {
                     "batch_size": 64,
                     "log_every": 10,
@@ -181,7 +152,7 @@ def main() -> None:
             Store(s3_bench.storage), s3_bench, s3_manifest, args.loader_batches
         )
     finally:
-        proc.terminate()  # type: ignore[attr-defined]
+        moto.stop()
     load_after = os.getloadavg()[0]
 
     print(

@@ -14,8 +14,8 @@ Same data (MNIST test set, 28x28), same network config, same batch, same number 
 processes (`--data-workers`), same torch threads. Whole runs alternate (ABBA) after a warm-up run
 each; the ratio is of median images/s over a run's wall time (start to last checkpoint).
 
-    uv run python benchmarks/bench_train_e2e.py            # CPU, ~10 min on 2 cores
-    uv run python benchmarks/bench_train_e2e.py --quick    # a smoke run
+    uv run python -m benchmarks.bench_train_e2e            # CPU, ~10 min on 2 cores
+    uv run python -m benchmarks.bench_train_e2e --quick    # a smoke run
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,24 +30,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import (  # noqa: E402
-    SHARED_DATA,
+from benchmarks._common import (
     diffusers_unet,
+    mnist_settings,
     n_params,
     time_interleaved,
     write_results,
 )
-from diffusion_core.unet import UNet  # noqa: E402
-from tasks.config import PipelineConfig, resolve_config  # noqa: E402
-from tasks.records import DatasetManifest  # noqa: E402
-from tasks.shard.stage import shard_dataset  # noqa: E402
-from tasks.storage import Store  # noqa: E402
-from tasks.train.loop import TrainJob, run_training, unet_config_for  # noqa: E402
-from tasks.webdata import iter_raw_samples  # noqa: E402
-
-DATA = SHARED_DATA
+from diffusion_core.unet import UNet
+from tasks.config import PipelineConfig, resolve_config
+from tasks.records import DatasetManifest
+from tasks.runtime import setup_process
+from tasks.shard.stage import shard_dataset
+from tasks.storage import Store
+from tasks.train.loop import TrainJob, run_training, unet_config_for
+from tasks.webdata import iter_raw_samples
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,12 +72,7 @@ def pipeline_config(args: argparse.Namespace, root: Path) -> PipelineConfig:
         PipelineConfig.model_validate(
             {
                 "storage": {"root": str(root / "store")},
-                "data": {
-                    "dataset": "mnist",
-                    "root": str(DATA / "mnist"),
-                    "source_split": "test",
-                    "max_images": args.images,
-                },
+                "data": mnist_settings(args.images)["data"],
                 "model": {
                     "base_channels": args.base_channels,
                     "channel_mult": args.channel_mult,
@@ -91,7 +82,7 @@ def pipeline_config(args: argparse.Namespace, root: Path) -> PipelineConfig:
                     "batch_size": args.batch,
                     "checkpoint_every": args.checkpoint_every,
                     "log_every": args.checkpoint_every,
-                    "data_workers": args.data_workers,
+                    "loader_processes": args.data_workers,
                     "shuffle_buffer": 1000,
                 },
             }
@@ -169,6 +160,7 @@ def diffusers_loop(
 
 def main() -> None:
     args = parse_args()
+    setup_process()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     base = pipeline_config(args, work)

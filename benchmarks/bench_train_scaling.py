@@ -9,8 +9,8 @@ Two configs (`--config`): `quickstart` (`digits` 8x8, the default 0.76 M-paramet
 a step, so the gradient all-reduce and each rank's data process weigh on 1 core) and `mnist` (the
 end-to-end benchmark's MNIST 28x28, 1.19 M parameters: ~1 s a step).
 
-    uv run python benchmarks/bench_train_scaling.py
-    uv run python benchmarks/bench_train_scaling.py --quick
+    uv run python -m benchmarks.bench_train_scaling
+    uv run python -m benchmarks.bench_train_scaling --quick
 """
 
 from __future__ import annotations
@@ -18,19 +18,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import SHARED_DATA, write_results  # noqa: E402
-from tasks import layout  # noqa: E402
-from tasks.config import PipelineConfig, resolve_config  # noqa: E402
-from tasks.records import TrainHistory  # noqa: E402
-from tasks.shard.stage import shard_dataset  # noqa: E402
-from tasks.storage import Store  # noqa: E402
-from tasks.train.stage import train  # noqa: E402
+from benchmarks._common import mnist_settings, write_results
+from tasks import layout
+from tasks.config import PipelineConfig, resolve_config
+from tasks.records import TrainHistory
+from tasks.runtime import setup_process
+from tasks.shard.stage import shard_dataset
+from tasks.storage import Store
+from tasks.train.stage import train
 
 
 def parse_args() -> argparse.Namespace:
@@ -44,22 +42,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-DATA = SHARED_DATA
 CONFIGS: dict[str, dict[str, object]] = {
     "quickstart": {"steps": 300, "log_every": 50, "overrides": {}},
-    "mnist": {
-        "steps": 60,
-        "log_every": 10,
-        "overrides": {
-            "data": {
-                "dataset": "mnist",
-                "root": str(DATA / "mnist"),
-                "source_split": "test",
-                "max_images": 4000,
-            },
-            "model": {"base_channels": 32, "channel_mult": [1, 2, 2], "attention_resolutions": [7]},
-        },
-    },
+    "mnist": {"steps": 60, "log_every": 10, "overrides": mnist_settings(4000)},
 }
 
 
@@ -80,7 +65,7 @@ def measure(name: str, args: argparse.Namespace, root: Path) -> dict[int, list[f
                     "steps": steps,
                     "log_every": log_every,
                     "checkpoint_every": steps,
-                    "num_workers": workers,
+                    "workers": workers,
                     "cpus_per_worker": 1,
                 },
                 "ray": {"num_cpus": 2},
@@ -97,6 +82,7 @@ def measure(name: str, args: argparse.Namespace, root: Path) -> dict[int, list[f
 
 def main() -> None:
     args = parse_args()
+    setup_process()
     root = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
     load_before = os.getloadavg()[0]
     names = ["quickstart", "mnist"] if args.config == "both" else [args.config]

@@ -5,27 +5,24 @@ same config (levels, blocks, attention placement, GroupNorm groups, time-embeddi
 same batch and the same optimizer; repetitions alternate between them (ABBA order) after a
 warm-up so that machine noise hits both alike. Reports median images/s and the ratio.
 
-    uv run python benchmarks/bench_train_step.py                  # CPU, small defaults
-    uv run python benchmarks/bench_train_step.py --device cuda --bf16 --channels-last --compile
+    uv run python -m benchmarks.bench_train_step                  # CPU, small defaults
+    uv run python -m benchmarks.bench_train_step --device cuda --bf16 --channels-last --compile
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks._common import diffusers_unet, n_params, time_interleaved, write_results  # noqa: E402
-from diffusion_core.perf import autocast, configure_model_for_device  # noqa: E402
-from diffusion_core.unet import UNet, UNetConfig  # noqa: E402
+from benchmarks._common import diffusers_unet, n_params, time_interleaved, write_results
+from diffusion_core.perf import autocast, configure_model_for_device
+from diffusion_core.unet import UNet, UNetConfig
+from tasks.runtime import setup_process
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,6 +67,7 @@ def make_step(
 
 def main() -> None:
     args = parse_args()
+    setup_process()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = UNetConfig(

@@ -13,11 +13,11 @@ run() { python3 -m uv run --locked python "$@"; }
 quick=()
 [[ "${1:-}" == "--quick" ]] && quick=(--quick)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-run benchmarks/bench_train_gpu.py --device cuda "${quick[@]}"
+run -m benchmarks.bench_train_gpu --device cuda "${quick[@]}"
 steps=(--reps 20)
 [[ ${#quick[@]} -gt 0 ]] && steps=(--reps 2 --warmup 1)
-run benchmarks/bench_train_step.py --device cuda --bf16 --channels-last --compile --batch 128 \
+run -m benchmarks.bench_train_step --device cuda --bf16 --channels-last --compile --batch 128 \
   --image-size 32 --in-channels 3 --base-channels 128 --channel-mult 1 2 2 2 --num-res-blocks 2 \
   --attention-resolutions 16 --groups 32 "${steps[@]}" --out train_step_gpu.md
-run benchmarks/bench_sampling.py --device cuda --bf16 --channels-last --compile --batch 256 \
+run -m benchmarks.bench_sampling --device cuda --bf16 --channels-last --compile --batch 256 \
   --image-size 32 --base-channels 128 --reps "${steps[1]}" --out sampling_gpu.md

@@ -20,7 +20,7 @@ from torch import Tensor
 FORMAT = "diffusion_core.checkpoint"
 VERSION = 1
 _REQUIRED = ("model", "step", "config")
-_OPTIONAL_STATES = ("ema", "optimizer", "rng")
+_OPTIONAL_STATES = ("ema", "optimizer", "rng", "phema")
 
 
 def strip_wrapper_prefixes(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -44,8 +44,9 @@ def save_checkpoint(state: dict[str, Any]) -> bytes:
     """Serialize a training state to bytes.
 
     `state` keys: `model` (state_dict), `step` (int), `config` (JSON-able dict), and optionally
-    `ema` (EMA.state_dict()), `optimizer` (state_dict), `rng` (tensors, e.g.
-    `torch.get_rng_state()`, or a dict/list of them) and `extra` (JSON-able). Unknown keys raise.
+    `ema` (EMA.state_dict()), `phema` (PowerEMA.state_dict()), `optimizer` (state_dict), `rng`
+    (tensors, e.g. `torch.get_rng_state()`, or a dict/list of them) and `extra` (JSON-able).
+    Unknown keys raise.
     """
     missing = [k for k in _REQUIRED if k not in state]
     if missing:
@@ -83,10 +84,9 @@ def load_checkpoint(data: bytes, map_location: str | torch.device = "cpu") -> di
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(
             f"not a safe checkpoint ({len(data)} bytes): the weights-only loader refused it: "
-            f"{reason}"
+            f"{_refusal(exc)}"
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(
@@ -112,3 +112,12 @@ def _to_json(name: str, value: Any) -> str:
         return json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"checkpoint {name} must be JSON-able: {exc}") from exc
+
+
+def _refusal(exc: BaseException) -> str:
+    """What the weights-only loader objected to, without PyTorch's advice to load the file
+    unsafely (`weights_only=False`), which must never reach a user."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    specific = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    safe = [line for line in lines if "weights_only" not in line and "trusted source" not in line]
+    return (specific or safe or [type(exc).__name__])[0]

@@ -283,6 +283,16 @@ def sample(
     )
 
 
+def network_evaluations(name: SamplerName, steps: int, *, guided: bool = False) -> int:
+    """Network evaluations (NFE) per image of `name` over `steps` timesteps: one per step, Heun's
+    2 n - 1 (no correction on its last step, EDM alg. 1). Classifier-free guidance evaluates the
+    network on the conditional and the unconditional input (one batch of 2B): twice as many."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} unknown; choose one of: {', '.join(SAMPLERS)}")
+    per_image = 2 * steps - 1 if name == "heun" else steps
+    return 2 * per_image if guided else per_image
+
+
 def make_eps_denoiser(
     net: Network,
     *,

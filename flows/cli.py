@@ -2,37 +2,59 @@
 
 diffpipe nightly [-c config.yaml] [section.field=value ...] [--dry-run]
 diffpipe promote [--rollback] [--model NAME]
+diffpipe samplers [-c config.yaml] [overrides] --samplers ddim,dpmpp_2m --steps 10,20,50
+diffpipe ema [-c config.yaml] [overrides] --sigma-rels 0.03,0.05,0.07,0.10,0.15 [--step N]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel
 
 from flows.watchdog import start_watchdog
 from tasks import layout
-from tasks.config import ConfigError, load_config, to_yaml
+from tasks.config import (
+    EMA_CHOICE_SIGMA_RELS,
+    ConfigError,
+    DeprecatedConfigWarning,
+    PipelineConfig,
+    check_network,
+    check_sigma_rels,
+    load_config,
+    to_yaml,
+)
 from tasks.errors import describe_failure
+from tasks.promote.stage import read_champion, repair_champion
+from tasks.promote.stage import rollback as roll_back
 from tasks.records import (
     Champion,
     Checkpoint,
+    EmaChoice,
     Evaluation,
     Metrics,
+    MetricSample,
     NightlySummary,
     PromotionHistory,
+    SamplerChoice,
     SampleSet,
     ShardResult,
     TrainResult,
+    with_noise,
 )
 from tasks.runtime import setup_process
+from tasks.sample.grid import grid_configs, product_grid
 from tasks.shard.datasets import check_source
 from tasks.storage import Store, open_store
+from tasks.train.phema import require_snapshots
 
 STAGES = {
     "shard": "shard the dataset into WebDataset tars with a manifest (reused when unchanged)",
@@ -40,6 +62,10 @@ STAGES = {
     "sample": "sample images from the run's latest checkpoint with Ray tasks",
     "evaluate": "compute FID/KID/IS of the latest sample set against the held-out split",
     "nightly": "shard -> train (continue) -> sample -> evaluate -> promote if better -> report",
+    "samplers": "score a grid of sampler settings of the latest checkpoint (FID against NFE) and "
+    "choose the cheapest within the noise of the best",
+    "ema": "rebuild EMAs of several widths from the run's post-hoc EMA snapshots, score each and "
+    "choose one",
     "promote": "show the promoted model and its recent nights; --rollback restores the previous one",
     "serve": "register the nightly deployment (cron) with the Prefect API and run its flow runs",
 }
@@ -76,7 +102,16 @@ def _parser() -> argparse.ArgumentParser:
                 action="store_true",
                 help="put the previous champion back in place (recorded in the history)",
             )
+            p.add_argument(
+                "--repair",
+                action="store_true",
+                help="rebuild a damaged champion pointer from the champion records and the history",
+            )
             p.add_argument("--model", default=None, help="model name (default: promote.model_name)")
+        if name == "samplers":
+            _sweep_arguments(p)
+        if name == "ema":
+            _ema_arguments(p)
         if name == "serve":
             p.add_argument("--cron", default=None, help="schedule (default: 0 2 * * *, 02:00 UTC)")
             p.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
@@ -84,19 +119,135 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fid(m: Metrics) -> str:
-    """'0.0903 ± 0.0021 (std over k=3 repeats of 256 samples' or '0.0903 (noise not measured, ...'
-    (the caller closes the parenthesis)."""
-    if m.fid is None:
-        return "n/a ("
-    if m.fid_std is None or m.repeats < 2:
-        return (
-            f"{m.fid:.4f} (noise not measured: k=1, set evaluate.repeats >= 2; "
-            f"{m.num_images} samples"
-        )
-    return (
-        f"{m.fid:.4f} ± {m.fid_std:.4f} (std over k={m.repeats} repeats of {m.num_images} samples"
+def _listed(kind: Callable[[str], object], what: str) -> Callable[[str], list[object]]:
+    """An argparse type: comma-separated values of `kind`, each bad one named."""
+
+    def parse(text: str) -> list[object]:
+        values = []
+        for item in (v.strip() for v in text.split(",")):
+            try:
+                values.append(kind(item))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{item!r} is not {what}") from None
+        return values
+
+    return parse
+
+
+def _sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """The grid of `diffpipe samplers`: every combination of the values given; a flag left out
+    keeps the config's `sample.*` value."""
+    p.add_argument(
+        "--samplers",
+        type=_listed(str, "a sampler"),
+        default=[],
+        help="comma-separated samplers: ddpm, ddim, dpmpp_2m, heun",
     )
+    p.add_argument(
+        "--steps",
+        type=_listed(int, "a whole number of steps"),
+        default=[],
+        help="comma-separated step counts, e.g. 10,20,50",
+    )
+    p.add_argument(
+        "--spacing",
+        type=_listed(str, "a spacing"),
+        default=[],
+        help="comma-separated timestep spacings: leading, trailing, linspace, logsnr, karras",
+    )
+    p.add_argument(
+        "--guidance",
+        type=_listed(float, "a number"),
+        default=[],
+        help="comma-separated classifier-free guidance scales (1 = none; others need a "
+        "class-conditional model)",
+    )
+
+
+def _sigma_rels(text: str) -> list[float]:
+    """An argparse type: comma-separated power-EMA widths, each in (0, 0.2887)."""
+    values = []
+    for item in (v.strip() for v in text.split(",")):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number") from None
+    try:
+        return list(check_sigma_rels(values, "--sigma-rels"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _ema_arguments(p: argparse.ArgumentParser) -> None:
+    """What `diffpipe ema` rebuilds: the widths, and the step (default: the newest snapshot's)."""
+    default = ",".join(f"{s:g}" for s in EMA_CHOICE_SIGMA_RELS)
+    p.add_argument(
+        "--sigma-rels",
+        type=_sigma_rels,
+        default=list(EMA_CHOICE_SIGMA_RELS),
+        help=f"comma-separated EMA widths (sigma_rel, EDM2) to rebuild and score (default: {default})",
+    )
+    p.add_argument(
+        "--step",
+        type=int,
+        default=None,
+        help="rebuild the EMAs at this step, from the snapshots at or before it (default: the "
+        "newest snapshot's)",
+    )
+
+
+def _print_ema_choice(choice: EmaChoice) -> None:
+    """Every width's FID, then the chosen one in one line."""
+    k = choice.repeats
+    print(
+        f"\npost-hoc EMA of run {choice.run_id!r} at step {choice.step}: "
+        f"{len(choice.candidates)} widths, each on the same {k} seed ranges of "
+        f"{choice.num_images} images"
+    )
+    for c in sorted(choice.candidates, key=lambda c: c.sigma_rel):
+        fid = "n/a" if c.fid is None else with_noise(c.fid, c.fid_std, k)
+        within = "within noise" if c.within_noise else ""
+        mark = "CHOSEN" if c.sigma_rel == choice.chosen else within
+        problems = f"  not trusted: {'; '.join(c.problems)}" if c.problems else ""
+        print(f"  sigma_rel {c.sigma_rel:<8g} FID {fid:<34} {mark}{problems}")
+    chosen = next(c for c in choice.candidates if c.sigma_rel == choice.chosen)
+    within = ", ".join(f"{c.sigma_rel:g}" for c in choice.candidates if c.within_noise)
+    print(
+        f"chosen: sigma_rel {choice.chosen:g} ({chosen.checkpoint_key}), the lowest mean FID; "
+        f"within its noise: {within} (paired t-test, alpha {choice.alpha:g})"
+    )
+    print(f"report: {choice.report_url}")
+
+
+def _print_choice(choice: SamplerChoice) -> None:
+    """Every setting with its NFE and FID, the choice and the command line that uses it."""
+    k = choice.repeats
+    print(
+        f"\nsampler sweep of run {choice.run_id!r}, step {choice.step}: {len(choice.settings)} "
+        f"settings, each on the same {k} seed ranges of {choice.num_images} images"
+    )
+    for s in sorted(choice.settings, key=lambda s: (s.nfe, s.mean)):
+        mark = "CHOSEN" if s.chosen else ("within noise" if s.within_noise else "")
+        fid = with_noise(s.mean, s.std, k)
+        print(f"  {s.name:<34}{s.nfe:5d} NFE  FID {fid:<32} {mark}")
+    chosen, best = choice.chosen, choice.best
+    print(
+        f"chosen: {chosen.name} ({chosen.nfe} NFE), the cheapest within the noise of the best "
+        f"({best.name}, {best.nfe} NFE; paired t-test, alpha {choice.alpha:g})"
+    )
+    print(f"use it: {chosen.command}")
+    print(f"report: {choice.report_url}")
+
+
+def _fid(m: Metrics) -> str:
+    """'0.09030 ± 0.0021 (std over k=3; 256 samples per repeat vs 180 held-out images; <extractor>)',
+    or '0.09030 (noise not measured: k=1; ...)'."""
+    detail = (
+        f"; {m.num_images} samples per repeat vs {m.num_reference_images} held-out images; "
+        f"{m.extractor.label}"
+    )
+    fid = MetricSample.of(m, "fid")
+    return f"n/a ({detail[2:]})" if fid is None else fid.describe(detail)
 
 
 def _print_summary(result: NightlySummary, seconds: float | None) -> None:
@@ -108,7 +259,7 @@ def _print_summary(result: NightlySummary, seconds: float | None) -> None:
         reused = "reused" if s.reused else ""
         print(f"  {s.name:<9}{s.seconds:7.1f} s  {reused:<7} {s.detail}")
     print(f"report: {result.report_url}")
-    print(f"FID: {_fid(m)} vs {m.num_reference_images} held-out images; {m.extractor.label})")
+    print(f"FID: {_fid(m)}")
     print(f"promotion: {'PROMOTED' if d.promoted else 'not promoted'}: {d.reason}")
 
 
@@ -117,7 +268,7 @@ def _print_result(result: BaseModel, seconds: float | None = None) -> None:
         _print_summary(result, seconds)
     elif isinstance(result, Evaluation):
         m = result.metrics
-        print(f"FID: {'n/a' if m.fid is None else f'{m.fid:.4f}'} ({m.extractor.label})")
+        print(f"FID: {_fid(m)}")
         print(f"report: {m.report_key}")
     elif isinstance(result, ShardResult):
         print(f"manifest: {result.manifest.key} ({'reused' if result.reused else 'written'})")
@@ -125,13 +276,28 @@ def _print_result(result: BaseModel, seconds: float | None = None) -> None:
         print(f"checkpoint: {result.checkpoint.key} (step {result.checkpoint.step})")
     elif isinstance(result, SampleSet):
         print(f"samples: {result.key} ({result.num_images} images)")
+    elif isinstance(result, SamplerChoice):
+        _print_choice(result)
+    elif isinstance(result, EmaChoice):
+        _print_ema_choice(result)
 
 
-def _promote(store: Store, model_name: str, rollback: bool) -> int:
-    """`diffpipe promote`: the champion and the recent nights; `--rollback` restores the previous."""
-    from tasks.promote.stage import rollback as roll_back
-
+def _promote(store: Store, model_name: str, rollback: bool, repair: bool = False) -> int:
+    """`diffpipe promote`: the champion and the recent nights; `--rollback` restores the previous,
+    `--repair` rebuilds a damaged pointer."""
     layout.part(model_name, "model name")
+    if repair:
+        restored = repair_champion(store, model_name)
+        where = store.url(layout.model_current(model_name))
+        if restored is None:
+            print(
+                f"model {model_name!r}: no champion records: nothing was promoted ({where} left as is)"
+            )
+        else:
+            print(
+                f"model {model_name!r}: {where} restored to step {restored.step} ({restored.key})"
+            )
+        return 0
     if rollback:
         event = roll_back(store, model_name)
         print(
@@ -140,14 +306,14 @@ def _promote(store: Store, model_name: str, rollback: bool) -> int:
             f"{store.url(layout.model_history(model_name))})"
         )
         return 0
-    champion = Champion.read_or_none(store, layout.model_current(model_name))
+    champion = read_champion(store, model_name)
     if champion is None:
         print(f"model {model_name!r}: nothing promoted yet")
         return 0
     m = champion.metrics
     print(
         f"model {model_name!r}: step {champion.step} of run {m.run_id!r}, promoted "
-        f"{champion.promoted_at} (night {champion.night or '-'}), FID {_fid(m)})"
+        f"{champion.promoted_at} (night {champion.night or '-'}), FID {_fid(m)}"
     )
     print(f"  checkpoint: {store.url(champion.checkpoint_key)}")
     if champion.previous_key is not None:
@@ -207,16 +373,41 @@ def _configure_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _load(command: str, path: str | None, overrides: list[str]) -> PipelineConfig:
+    """The config, its old field names' warnings said once (the flows load it again, quietly), and
+    for the commands that train, the check that the data and model sections build a network."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecatedConfigWarning)
+        cfg = load_config(path, overrides)
+    for w in caught:
+        if issubclass(w.category, DeprecatedConfigWarning):
+            print(f"diffpipe: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    warnings.filterwarnings("ignore", category=DeprecatedConfigWarning)
+    if command in ("train", "nightly", "serve"):
+        check_network(cfg)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_process()
     args = _parser().parse_args(argv)
     if args.verbose:  # Ray workers' own output too
         args.overrides = [*args.overrides, "ray.worker_logs=true"]
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = _load(args.command, args.config, args.overrides)
     except ConfigError as err:
         print(f"diffpipe: {err}", file=sys.stderr)
         return 2
+    grid: list[dict[str, Any]] = []
+    if args.command == "samplers":  # the values themselves, before anything starts
+        grid = product_grid(args.samplers, args.steps, args.spacing, args.guidance)
+        try:
+            grid_configs(cfg.sample, grid or [{}])
+        except ValueError as err:
+            print(f"diffpipe samplers: {err}", file=sys.stderr)
+            return 2
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
@@ -225,22 +416,34 @@ def main(argv: list[str] | None = None) -> int:
     # endpoint, credentials) and the dataset source.
     try:
         store = open_store(cfg.storage)
-        if args.command in ("shard", "train", "nightly", "evaluate"):
+        if args.command in ("shard", "train", "nightly", "evaluate", "samplers", "ema"):
             check_source(cfg.data)
-        if args.command in ("sample", "evaluate"):
-            Checkpoint.require_latest(store, cfg.train.run_id)
+        if args.command == "ema":
+            require_snapshots(store, cfg.train.run_id)
+        if args.command in ("sample", "evaluate", "samplers"):
+            latest = Checkpoint.require_latest(store, cfg.train.run_id)
+            if args.command == "samplers":  # the grid against the model it samples
+                grid_configs(
+                    cfg.sample,
+                    grid or [{}],
+                    num_timesteps=latest.model.num_timesteps,
+                    conditional=latest.unet.num_classes is not None,
+                )
+        if args.command == "nightly":  # its last stage reads the champion: a damaged one stops here
+            read_champion(store, cfg.promote.model_name)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"diffpipe {args.command}: {describe_failure(err)}", file=sys.stderr)
         return 2
     if args.command == "promote":  # the store only: no Ray, no Prefect
         try:
-            return _promote(store, args.model or cfg.promote.model_name, args.rollback)
+            return _promote(store, args.model or cfg.promote.model_name, args.rollback, args.repair)
         except (OSError, ValueError) as err:
             print(f"diffpipe promote: {describe_failure(err)}", file=sys.stderr)
             return 2
 
     # From here on, services start: whatever they leave behind is ended when this process ends.
     start_watchdog()
+    from flows import choose
     from flows import nightly as flows_mod
 
     if args.command == "serve":
@@ -260,7 +463,12 @@ def main(argv: list[str] | None = None) -> int:
         "sample": flows_mod.sample_flow,
         "evaluate": flows_mod.evaluate_flow,
         "nightly": flows_mod.nightly,
+        "samplers": functools.partial(choose.sampler_flow, grid=grid or None),
     }
+    if args.command == "ema":
+        flows["ema"] = functools.partial(
+            choose.ema_flow, sigma_rels=args.sigma_rels, step=args.step
+        )
     flow = flows[args.command]
     started = time.perf_counter()
     try:

@@ -27,6 +27,7 @@ from flows.stages import (
 )
 from tasks import layout
 from tasks.config import PipelineConfig, load_config
+from tasks.promote.stage import read_champion
 from tasks.records import (
     Checkpoint,
     Evaluation,
@@ -147,6 +148,8 @@ def nightly(
     cfg = _load(config_path, overrides)
     night = night or layout.night_stamp(flow_run.scheduled_start_time)
     logger.info("storage %s, run %s, night %s", cfg.storage.root, cfg.train.run_id, night)
+    # The last stage reads the champion: a damaged pointer is refused before any work.
+    read_champion(open_store(cfg.storage), cfg.promote.model_name)
     stages = _Stages(logger, cfg.train.run_id)
 
     stages.start("shard")

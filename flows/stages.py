@@ -26,25 +26,32 @@ from tasks.config import (
     SampleConfig,
     StorageConfig,
 )
-from tasks.evaluate.stage import evaluate
+from tasks.evaluate.stage import evaluate, evaluate_sets
 from tasks.promote.stage import promote_if_better
 from tasks.records import (
+    METRICS,
     Checkpoint,
     DatasetManifest,
+    EmaChoice,
     Evaluation,
     Metrics,
     MetricSample,
     NightlySummary,
     PromotionDecision,
+    RebuiltEma,
+    SamplerChoice,
     SampleSet,
     ShardResult,
     TrainResult,
 )
-from tasks.report.stage import render_markdown, write_nightly_report
+from tasks.report.choice import write_ema_report, write_sampler_report
+from tasks.report.document import render_markdown
+from tasks.report.stage import write_evaluation_report, write_nightly_report
 from tasks.retry import STAGE_RETRIES, STAGE_RETRY_DELAY_S, is_transient
-from tasks.sample.stage import sample_images
+from tasks.sample.stage import SampleGrid, sample_grid, sample_images
 from tasks.shard.stage import shard_dataset
 from tasks.storage import open_store
+from tasks.train.phema import rebuild_ema
 from tasks.train.stage import train
 
 P = ParamSpec("P")
@@ -98,27 +105,120 @@ def evaluate_task(
     dataset: DatasetManifest,
     samples: SampleSet,
 ) -> Evaluation:
-    evaluation = evaluate(open_store(storage), cfg, ray, dataset, samples)
-    m = evaluation.metrics
+    """Score the samples, then render what was scored (grid.png, report.md beside metrics.json)."""
+    store = open_store(storage)
+    m = evaluate(store, cfg, ray, dataset, samples)
+    evaluation = Evaluation(
+        metrics=m, report_markdown=write_evaluation_report(store, m, samples, cfg.grid_images)
+    )
     create_markdown_artifact(
         evaluation.report_markdown,
         key="evaluation-report",
         description=f"evaluation of {samples.key}",
     )
-    rows = [
-        {"metric": name, "value": value}
-        for name, value in (
-            ("fid", m.fid),
-            ("fid_std", m.fid_std),
-            ("kid_mean", m.kid_mean),
-            ("kid_std", m.kid_std),
-            ("isc_mean", m.isc_mean),
-            ("isc_std", m.isc_std),
-        )
-        if value is not None
-    ]
+    rows = [{"metric": name, "value": value} for name, value in m.scores().items()]
     create_table_artifact(rows, key="evaluation-metrics", description=m.extractor.label)
     return evaluation
+
+
+@_stage("sample-grid")
+def sample_grid_task(
+    configs: list[SampleConfig],
+    ray: RayConfig,
+    storage: StorageConfig,
+    checkpoint: Checkpoint,
+    repeats: int = 1,
+) -> SampleGrid:
+    """One sample set per setting, as one job on one actor pool (one weights load per actor)."""
+    return sample_grid(open_store(storage), configs, ray, checkpoint, repeats=repeats)
+
+
+@_stage("evaluate-sets")
+def evaluate_sets_task(
+    cfg: EvalConfig,
+    ray: RayConfig,
+    storage: StorageConfig,
+    dataset: DatasetManifest,
+    sets: list[SampleSet],
+) -> list[Evaluation]:
+    """Score every set on one feature pool (the reference statistics computed once), then render
+    each (grid.png, report.md beside its metrics.json)."""
+    store = open_store(storage)
+    return [
+        Evaluation(
+            metrics=m,
+            report_markdown=write_evaluation_report(store, m, samples, cfg.grid_images),
+        )
+        for samples, m in zip(sets, evaluate_sets(store, cfg, ray, dataset, sets), strict=True)
+    ]
+
+
+@_stage("sampler-report")
+def sampler_report_task(storage: StorageConfig, choice: SamplerChoice) -> SamplerChoice:
+    """Write the sweep's report; publish it as Prefect artifacts (its Markdown, the settings'
+    table, a link to report.html)."""
+    document = write_sampler_report(open_store(storage), choice)
+    create_markdown_artifact(
+        render_markdown(document, images=False)
+        + f"\n\nThe full report, its figure included: {choice.report_url}\n",
+        key="sampler-choice",
+        description=f"run {choice.run_id}, step {choice.step}, sweep {choice.stamp}",
+    )
+    create_table_artifact(
+        [
+            {
+                "setting": s.name,
+                "nfe": s.nfe,
+                choice.metric: s.mean,
+                "std": s.std,
+                "per_range": s.values,
+                "within_noise": s.within_noise,
+                "chosen": s.chosen,
+            }
+            for s in choice.settings
+        ],
+        key="sampler-settings",
+        description=f"{choice.extractor}; {choice.repeats} seed ranges of {choice.num_images}",
+    )
+    create_link_artifact(choice.report_url, link_text="the sweep's report", key="sampler-report")
+    return choice
+
+
+@_stage("rebuild-ema")
+def rebuild_ema_task(
+    storage: StorageConfig, run_id: str, sigma_rels: list[float], step: int | None = None
+) -> RebuiltEma:
+    """The EMA of each width at `step` (default: the newest snapshot's), from the run's
+    power-EMA snapshots: one checkpoint each."""
+    return rebuild_ema(open_store(storage), run_id, sigma_rels, step)
+
+
+@_stage("ema-report")
+def ema_report_task(storage: StorageConfig, choice: EmaChoice) -> EmaChoice:
+    """Write the EMA-length choice's report; publish it as Prefect artifacts (its Markdown, the
+    lengths' table)."""
+    document = write_ema_report(open_store(storage), choice)
+    create_markdown_artifact(
+        render_markdown(document, images=False) + f"\n\nThe report: {choice.report_url}\n",
+        key="ema-choice",
+        description=f"run {choice.run_id}, step {choice.step}, choice {choice.stamp}",
+    )
+    create_table_artifact(
+        [
+            {
+                "sigma_rel": c.sigma_rel,
+                "fid": c.fid,
+                "std": c.fid_std,
+                "per_range": c.fids,
+                "within_noise": c.within_noise,
+                "chosen": c.sigma_rel == choice.chosen,
+            }
+            for c in choice.candidates
+        ],
+        key="ema-lengths",
+        description=f"{choice.extractor.label}; {choice.repeats} seed ranges of {choice.num_images}",
+    )
+    return choice
 
 
 @_stage("promote")
@@ -147,7 +247,7 @@ def report_task(storage: StorageConfig, summary: NightlySummary) -> NightlySumma
     create_table_artifact(
         [
             {"metric": metric, "mean": s.mean, "std": s.std, "k": s.k, "per_repeat": s.values}
-            for metric in ("fid", "kid")
+            for metric in METRICS
             if (s := MetricSample.of(m, metric)) is not None
         ],
         key="nightly-metrics",

@@ -15,11 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
-from tasks.runtime import temp_prefix
+from tasks.runtime import temp_prefix, temp_roots
 
 PROC = Path("/proc")
 GRACE_S = 5.0
@@ -40,47 +40,58 @@ def start_watchdog() -> None:
     )
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time) of `pid`, or None when it is gone."""
+class ProcessStat(NamedTuple):
+    """What /proc/<pid>/stat says of a process: its parent, its start time (clock ticks after
+    boot; with the pid, it names the process, since pids are reused) and its state ("Z": a zombie,
+    dead and waiting for its parent to reap it)."""
+
+    parent: int
+    start: int
+    state: str
+
+
+def process_stat(pid: int) -> ProcessStat | None:
+    """The stat of `pid`, or None when it is gone (or /proc does not exist)."""
     try:
         text = (PROC / str(pid) / "stat").read_text()
     except OSError:
         return None
     fields = text[text.rindex(")") + 2 :].split()  # the name, in parentheses, may hold spaces
-    return int(fields[1]), int(fields[19])
+    return ProcessStat(parent=int(fields[1]), start=int(fields[19]), state=fields[0])
 
 
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in PROC.iterdir():
-        if entry.name.isdigit() and (st := _stat(int(entry.name))) is not None:
-            tree.setdefault(st[0], []).append(int(entry.name))
+        if entry.name.isdigit() and (st := process_stat(int(entry.name))) is not None:
+            tree.setdefault(st.parent, []).append(int(entry.name))
     return tree
 
 
-def _descendants(root: int) -> dict[int, int]:
-    """pid -> start time of every living descendant of `root`."""
+def descendants(root: int) -> dict[int, int]:
+    """pid -> start time of every living descendant of `root` (the tests find their own Ray
+    workers with it too)."""
     tree, out, stack = _children(), {}, [root]
     while stack:
         for child in tree.get(stack.pop(), []):
-            if (st := _stat(child)) is not None:
-                out[child] = st[1]
+            if (st := process_stat(child)) is not None:
+                out[child] = st.start
                 stack.append(child)
     return out
 
 
 def _alive(pid: int, start: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[1] == start
+    st = process_stat(pid)
+    return st is not None and st.start == start
 
 
 def watch(pid: int, *, interval_s: float = 1.0) -> None:
-    started = _stat(pid)
+    started = process_stat(pid)
     if started is None:
         return
     seen: dict[int, int] = {}
-    while _alive(pid, started[1]):
-        seen |= _descendants(pid)
+    while _alive(pid, started.start):
+        seen |= descendants(pid)
         seen.pop(os.getpid(), None)  # the watchdog descends from the run too
         seen = {p: s for p, s in seen.items() if _alive(p, s)}
         time.sleep(interval_s)
@@ -95,8 +106,9 @@ def watch(pid: int, *, interval_s: float = 1.0) -> None:
             left = {p: s for p, s in left.items() if _alive(p, s)}
         if not left:
             break
-    for folder in Path(tempfile.gettempdir()).glob(temp_prefix(pid) + "*"):
-        shutil.rmtree(folder, ignore_errors=True)
+    for root in temp_roots():  # the temp folder, and Ray's where $RAY_TMPDIR sets it apart
+        for folder in root.glob(temp_prefix(pid) + "*"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

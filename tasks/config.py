@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+import types
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -29,13 +31,65 @@ from tasks import layout
 
 DATASET_CHOICES = "digits, mnist, fashion-mnist, cifar10, imagefolder:PATH|URL"
 _NAMED_DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+_NATIVE_SIZES = {"digits": 8, "mnist": 28, "fashion-mnist": 28, "cifar10": 32}  # square, pixels
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class DeprecatedConfigWarning(FutureWarning):
+    """A config names a field by its old name (`RENAMED`); it still works, for one release.
+    A FutureWarning, as Python shows those to the people who run a program, not only to its
+    developers."""
+
+
+# Fields renamed for one naming across sections (issue 16), old name -> new name. Every stage
+# that runs on a pool of Ray workers says `workers` (how many) and `cpus_per_worker` / `use_gpu`
+# (what each holds); `train.loader_processes` are the local processes inside one training worker.
+# `ray.num_cpus` keeps its name: it is the size of a local cluster, as `ray.init(num_cpus=...)`.
+# The old names still load (YAML files, overrides, a run's saved config.json, stored records)
+# until the next release; a config file or override that uses one gets a warning naming the new.
+RENAMED: dict[str, dict[str, str]] = {
+    "train": {"num_workers": "workers", "data_workers": "loader_processes"},
+    "sample": {"num_workers": "workers", "cpus_per_task": "cpus_per_worker"},
+    "evaluate": {"num_workers": "workers", "cpus": "cpus_per_worker"},
+}
+
+
+def _both_names(section: str, old: str, new: str) -> str:
+    return (
+        f"{section}.{old} and {section}.{new} are both set; {section}.{old} is the old name of "
+        f"{section}.{new}: keep only {section}.{new}"
+    )
+
+
+def _renamed_note(section: str, old: str, new: str, where: str) -> str:
+    return (
+        f"{where}: {section}.{old} is deprecated, use {section}.{new} (the old name is read until "
+        "the next release)"
+    )
 
 
 class _Frozen(BaseModel):
     # Strict: a value of the wrong type is an error, never converted ("10" is not a step count,
-    # 1 is not `true`); an int is still a float.
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # 1 is not `true`); an int is still a float. No setting means infinity or NaN.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+    # The section's name in PipelineConfig, for its RENAMED fields.
+    SECTION: ClassVar[str | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        """A section written with old field names (a saved config, a stored record) reads as new."""
+        renames = RENAMED.get(cls.SECTION or "", {})
+        if not isinstance(data, dict) or not renames.keys() & data.keys():
+            return data
+        out = dict(data)
+        for old, new in renames.items():
+            if old in out:
+                if new in out:
+                    raise ValueError(_both_names(cls.SECTION or "", old, new))
+                out[new] = out.pop(old)
+        return out
 
 
 def _list_to_tuple(value: object) -> object:
@@ -153,8 +207,8 @@ class DataConfig(_Frozen):
     workers: int | None = Field(
         default=None,
         ge=0,
-        description="shard tasks at once on Ray; 0 = write in this process; None = imagefolder "
-        "sources on every CPU of the Ray cluster, the in-memory datasets in this process",
+        description="shard tasks at once on Ray (one CPU each); 0 = write in this process; None = "
+        "imagefolder sources on every CPU of the Ray cluster, the in-memory datasets in this process",
     )
 
     @field_validator("dataset")
@@ -188,7 +242,30 @@ class ModelConfig(_Frozen):
     prediction_type: Literal["epsilon", "v", "x0"] = "epsilon"
 
 
+# diffusion_core.phema.MAX_SIGMA_REL (1/sqrt(12)), without importing torch into the config.
+PHEMA_MAX_SIGMA_REL = 12.0**-0.5
+# The widths `diffpipe ema` rebuilds and scores unless told: around EDM2's two kept ones.
+EMA_CHOICE_SIGMA_RELS = (0.03, 0.05, 0.07, 0.10, 0.15)
+
+
+def check_sigma_rels(values: Sequence[float], what: str) -> tuple[float, ...]:
+    """Power-EMA widths as EDM2 defines them: each in (0, 1/sqrt(12)), none twice (`what` names
+    the setting in the message)."""
+    out = tuple(float(v) for v in values)
+    bad = [v for v in out if not 0.0 < v < PHEMA_MAX_SIGMA_REL]
+    if bad:
+        raise ValueError(
+            f"{what}={list(out)}: each sigma_rel must be in (0, {PHEMA_MAX_SIGMA_REL:.4f}), "
+            f"{', '.join(map(str, bad))} is not (EDM2 keeps 0.05 and 0.10)"
+        )
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what}={list(out)} names a sigma_rel twice; list each once")
+    return out
+
+
 class TrainConfig(_Frozen):
+    SECTION: ClassVar[str | None] = "train"
+
     run_id: str = Field(
         default="nightly", description="checkpoints live under runs/<run_id>/; same id = resume"
     )
@@ -213,9 +290,26 @@ class TrainConfig(_Frozen):
     label_dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     checkpoint_every: int = Field(default=200, ge=1)
     keep_checkpoints: int = Field(default=3, ge=1)
+    phema_sigma_rels: Tuple[float] = Field(
+        default=(),
+        description="post-hoc EMA (EDM2): keep snapshots of power-function EMAs of these "
+        "relative widths, e.g. [0.05, 0.10], so `diffpipe ema` can rebuild any other width "
+        "after training; each in (0, 0.2887); empty = off",
+    )
+    phema_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="write one snapshot per phema_sigma_rels entry every this many steps (and "
+        "at the run's last step); None = train.checkpoint_every",
+    )
     log_every: int = Field(default=50, ge=1)
     shuffle_buffer: int = Field(default=1000, ge=1)
-    num_workers: int = Field(default=2, ge=1, description="Ray Train workers (DDP ranks)")
+    workers: int = Field(
+        default=2,
+        ge=1,
+        description="Ray Train workers (DDP ranks), each holding cpus_per_worker CPUs and, with "
+        "use_gpu, one GPU (was train.num_workers)",
+    )
     max_failures: int = Field(
         default=2,
         ge=-1,
@@ -226,14 +320,16 @@ class TrainConfig(_Frozen):
         description="where Ray puts the workers: PACK (fewest nodes), SPREAD (as many nodes as "
         "it can), STRICT_SPREAD (each on its own node)",
     )
-    data_workers: int = Field(
+    loader_processes: int = Field(
         default=1,
         ge=0,
-        description="background processes per worker that read, decode, flip and batch its "
-        "data; 0 = on the training thread",
+        description="background processes inside each worker that read, decode, flip and batch "
+        "its data; 0 = on the training thread (was train.data_workers)",
     )
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(default=1.0, gt=0)
+    use_gpu: bool = Field(default=False, description="one GPU per worker")
+    cpus_per_worker: float = Field(
+        default=1.0, gt=0, description="CPUs each worker holds (its torch threads)"
+    )
     bf16: bool = Field(default=False, description="bf16 autocast (GPU)")
     channels_last: bool = Field(
         default=True,
@@ -252,8 +348,20 @@ class TrainConfig(_Frozen):
             )
         return v
 
+    @field_validator("phema_sigma_rels")
+    @classmethod
+    def _phema_sigma_rels(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        return check_sigma_rels(v, "train.phema_sigma_rels")
+
+    @property
+    def phema_interval(self) -> int:
+        """Steps between two power-EMA snapshots."""
+        return self.phema_every or self.checkpoint_every
+
 
 class SampleConfig(_Frozen):
+    SECTION: ClassVar[str | None] = "sample"
+
     num_images: int = Field(default=128, ge=1, description="per evaluate.repeats range")
     sampler: Literal["ddpm", "ddim", "dpmpp_2m", "heun"] = "ddim"
     steps: int = Field(default=50, ge=1)
@@ -270,13 +378,18 @@ class SampleConfig(_Frozen):
         description="images per seed range: one unit of an actor's work and one output shard",
     )
     batch_size: int = Field(default=64, ge=1)
-    use_gpu: bool = Field(default=False, description="one sampling actor per GPU")
-    cpus_per_task: float = Field(default=1.0, gt=0, description="CPUs of each sampling actor")
-    num_workers: int | None = Field(
+    use_gpu: bool = Field(default=False, description="one GPU per worker")
+    cpus_per_worker: float = Field(
+        default=1.0,
+        gt=0,
+        description="CPUs each worker holds (its torch threads) (was sample.cpus_per_task)",
+    )
+    workers: int | None = Field(
         default=None,
         ge=1,
-        description="sampling actors (each loads the weights once); None = as many as the "
-        "cluster fits (one per GPU with use_gpu), at most one per seed range",
+        description="sampling workers (Ray actors, each loads the weights once); None = as many "
+        "as the cluster fits (one per GPU with use_gpu), at most one per seed range (was "
+        "sample.num_workers)",
     )
     max_restarts: int = Field(
         default=3,
@@ -315,6 +428,8 @@ class SampleConfig(_Frozen):
 
 
 class EvalConfig(_Frozen):
+    SECTION: ClassVar[str | None] = "evaluate"
+
     metrics: Tuple[Literal["fid", "kid", "isc"]] = ("fid", "kid")
     inception_weights: str | None = Field(
         default=None,
@@ -337,12 +452,18 @@ class EvalConfig(_Frozen):
     use_gpu: bool = Field(
         default=False, description="extract the Inception features on Ray workers with one GPU each"
     )
-    cpus: float = Field(default=1.0, gt=0, description="CPUs of each feature-extraction worker")
-    num_workers: int | None = Field(
+    cpus_per_worker: float = Field(
+        default=1.0,
+        gt=0,
+        description="CPUs each feature-extraction worker holds (its torch threads) (was "
+        "evaluate.cpus)",
+    )
+    workers: int | None = Field(
         default=None,
         ge=1,
         description="feature-extraction workers (Ray actors, each loads the extractor once); "
-        "None = as many as the cluster fits (one per GPU with use_gpu), at most one per shard",
+        "None = as many as the cluster fits (one per GPU with use_gpu), at most one per shard "
+        "(was evaluate.num_workers)",
     )
 
 
@@ -356,7 +477,8 @@ class PromoteConfig(_Frozen):
         gt=0.0,
         lt=0.5,
         description="the challenger must beat the champion by more than the measured noise: a "
-        "one-sided Welch t-test over the evaluate.repeats scores at this false-promotion rate",
+        "one-sided paired t-test over the evaluate.repeats seed ranges (both models scored on "
+        "the same ranges) at this false-promotion rate",
     )
     min_improvement: float | None = Field(
         default=None,
@@ -379,7 +501,11 @@ class RayConfig(_Frozen):
         description="Ray cluster address; defaults to $RAY_ADDRESS, else a local cluster",
     )
     num_cpus: int | None = Field(
-        default=None, ge=1, description="CPUs of a local cluster (None = all)"
+        default=None,
+        ge=1,
+        description="CPUs of the local cluster this process starts when no address is given "
+        "(ray.init's num_cpus; None = all); the stages' own sizes are <section>.workers and "
+        "<section>.cpus_per_worker",
     )
     worker_logs: bool = Field(
         default=False,
@@ -412,8 +538,91 @@ class PipelineConfig(_Frozen):
         return self
 
 
+# What the UNet rejects (diffusion_core.unet.UNetConfig's field) -> the config fields that set it.
+_NETWORK_FIELDS = {
+    "image_size": ("data.image_size", "model.channel_mult"),
+    "attention_resolutions": ("model.attention_resolutions", "data.image_size"),
+    "base_channels": ("model.base_channels",),
+    "groups": ("model.base_channels", "model.channel_mult"),
+}
+
+
+def _shown(cfg: PipelineConfig, name: str, size: int) -> str:
+    if name == "data.image_size" and cfg.data.image_size is None:
+        return f"None ({cfg.data.dataset}: {size}x{size})"
+    section, field = name.split(".")
+    value = getattr(getattr(cfg, section), field)
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def check_network(cfg: PipelineConfig) -> None:
+    """Fail, naming the fields, when the data and model sections build no network, before anything
+    starts (training would fail on its workers). The image size is `data.image_size`, else the
+    named dataset's own; an imagefolder's is known only once it is sharded."""
+    from diffusion_core.unet import UNetConfig  # torch: only where a network is to be built
+
+    size = cfg.data.image_size or _NATIVE_SIZES.get(cfg.data.dataset)
+    if size is None:
+        return
+    m = cfg.model
+    try:
+        UNetConfig(
+            image_size=size,
+            base_channels=m.base_channels,
+            channel_mult=tuple(m.channel_mult),
+            num_res_blocks=m.num_res_blocks,
+            attention_resolutions=tuple(m.attention_resolutions),
+            dropout=m.dropout,
+        )
+    except ValueError as err:
+        found = re.match(r"UNetConfig\.(\w+)=.* is invalid: (.*)", str(err), re.DOTALL)
+        names = _NETWORK_FIELDS.get(found.group(1), ()) if found else ()
+        if found is None or not names:
+            raise ConfigError(f"data and model settings build no network: {err}") from None
+        given = ", ".join(f"{n}={_shown(cfg, n, size)}" for n in names)
+        raise ConfigError(
+            f"{given} build no network: {found.group(2)}; change {' or '.join(names)}"
+        ) from None
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-4` as a string (its floats need a dot); configs mean a number."""
+    """YAML 1.1 reads `1e-4` as a string (its floats need a dot); configs mean a number.
+
+    A key given twice is an error naming both lines (YAML would keep the last one, silently), and
+    so is an alias: a config is small enough to write out, and a few nested aliases expand into
+    billions of nodes ("billion laughs") before any field is checked."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"the alias *{event.anchor} is not allowed in a config; write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if (
+                not isinstance(key_node, yaml.ScalarNode)
+                or key_node.tag == "tag:yaml.org,2002:merge"
+            ):
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"{key!r} is given twice, on line {first_line[key]} and on line {line}; "
+                    "keep one",
+                    key_node.start_mark,
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -450,8 +659,45 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:  # the Y
     node[parts[-1]] = value
 
 
+def _field(dotted: str) -> Any:
+    """The annotation of the field `section.field` names (old names included), else None."""
+    parts = dotted.split(".")
+    if len(parts) != 2 or parts[0] not in PipelineConfig.model_fields:
+        return None
+    section, name = parts
+    model = PipelineConfig.model_fields[section].annotation
+    name = RENAMED.get(section, {}).get(name, name)
+    info = (
+        model.model_fields.get(name)
+        if isinstance(model, type) and issubclass(model, BaseModel)
+        else None
+    )
+    return None if info is None else info.annotation
+
+
+def _is_text(annotation: Any) -> tuple[bool, bool]:
+    """(the field holds text, it may be None): `str`, a Literal of strings, either or None."""
+    args = (
+        get_args(annotation)
+        if get_origin(annotation) in (Union, types.UnionType)
+        else (annotation,)
+    )
+    kinds = [a for a in args if a is not type(None)]
+    text = len(kinds) == 1 and (
+        kinds[0] is str
+        or (get_origin(kinds[0]) is Literal and all(isinstance(v, str) for v in get_args(kinds[0])))
+    )
+    return text, len(kinds) < len(args)
+
+
+_YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
 def parse_override(item: str) -> tuple[str, Any]:
-    """`train.steps=100` -> ("train.steps", 100); the value is parsed as YAML (numbers, lists, null)."""
+    """`train.steps=100` -> ("train.steps", 100): the value is parsed as YAML (numbers, lists,
+    null), except where the field holds text: there it is taken literally (`storage.root=./a #2`
+    is the folder `./a #2`, not `./a` and a YAML comment), unless it is quoted as a whole
+    ('"..."' or "'...'") or is null for a field that may be None."""
     if "=" not in item:
         raise ConfigError(
             f"override {item!r} must look like section.field=value, e.g. train.steps=100"
@@ -462,6 +708,16 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} has an empty field name")
     if not raw.strip():
         return key, raw
+    text, optional = _is_text(_field(key))
+    if text and optional and raw in _YAML_NULLS:
+        return key, None
+    if text:
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        try:
+            value = _load_yaml(raw) if quoted else None
+        except yaml.YAMLError:
+            value = None  # e.g. 'a' and 'b': not one quoted string, so text as it is
+        return key, value if isinstance(value, str) else raw
     try:
         return key, _load_yaml(raw)
     except yaml.YAMLError as err:
@@ -503,11 +759,41 @@ def resolve_config(cfg: PipelineConfig, env: Mapping[str, str] | None = None) ->
     return cfg.model_copy(update={"storage": resolve_storage(cfg.storage, env), "ray": ray})
 
 
+def _new_names(tree: dict[str, Any], where: str) -> list[str]:
+    """Rename the old field names (`RENAMED`) of a config file's tree in place; the warnings."""
+    notes = []
+    for section, renames in RENAMED.items():
+        fields = tree.get(section)
+        if not isinstance(fields, dict):
+            continue
+        for old, new in renames.items():
+            if old not in fields:
+                continue
+            if new in fields:
+                raise ConfigError(f"{where}: {_both_names(section, old, new)}")
+            fields[new] = fields.pop(old)
+            notes.append(_renamed_note(section, old, new, where))
+    return notes
+
+
+def _new_key(dotted: str, item: str, notes: list[str]) -> str:
+    """An override's field under its new name (a warning noted when it used the old one)."""
+    section, _, name = dotted.partition(".")
+    new = RENAMED.get(section, {}).get(name)
+    if new is None:
+        return dotted
+    notes.append(_renamed_note(section, name, new, f"override {item!r}"))
+    return f"{section}.{new}"
+
+
 def load_config(
     path: str | Path | None = None, overrides: list[str] | None = None
 ) -> PipelineConfig:
     """Defaults < YAML file < `section.field=value` overrides, validated as one PipelineConfig and
-    resolved against the environment (`resolve_config`)."""
+    resolved against the environment (`resolve_config`). An old field name (`RENAMED`) still
+    works, with a `DeprecatedConfigWarning` naming the new one; both names in one file, or both
+    in the overrides, is an error."""
+    notes: list[str] = []
     tree: dict[str, Any] = {}  # the YAML document: a tree of sections, checked by PipelineConfig
     source = "defaults"
     if path is not None:
@@ -530,15 +816,24 @@ def load_config(
             )
         tree = loaded or {}
         source = str(p)
+        notes += _new_names(tree, f"config file {source!r}")
+    spelled: dict[str, str] = {}  # override field (new name) -> as the first override wrote it
     for item in overrides or []:
         key, value = parse_override(item)
-        _set_dotted(tree, key, value)
+        new = _new_key(key, item, notes)
+        first = spelled.setdefault(new, key)
+        if first != key:  # the old name and the new one
+            section, old = (first if first != new else key).split(".", 1)
+            raise ConfigError(f"overrides: {_both_names(section, old, new.split('.', 1)[1])}")
+        _set_dotted(tree, new, value)
     if overrides:
         source += " + overrides"
     try:
         cfg = PipelineConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source)) from None
+    for note in notes:  # only for a config that loads: an error says enough
+        warnings.warn(note, DeprecatedConfigWarning, stacklevel=2)
     return resolve_config(cfg)
 
 

@@ -1,7 +1,32 @@
 """One clear message for a failure, whichever layer wrapped it (Ray task, Ray Train worker group,
-Prefect): the innermost errors are what the user can act on."""
+Prefect): the errors the project raised are what the user can act on.
+
+Wrappers are unwrapped down to the first error this project raised itself: `raise
+StorageCredentialsError("no S3 credentials found ...") from NoCredentialsError` is described by its
+own message, not by botocore's, and a checkpoint the weights-only loader refused by ours, never by
+PyTorch's advice to load it unsafely. A library's error that wraps another (no project error in
+between) is followed to its innermost cause, as before.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+
+# The project's packages: an error raised from a file below one of these is the project's own.
+_OURS = tuple(
+    str(Path(__file__).resolve().parents[1] / name) for name in ("tasks", "flows", "diffusion_core")
+)
+
+
+def _raised_by_us(err: BaseException) -> bool:
+    """Whether `err` was raised in the project's code: its traceback's innermost frame is ours
+    (an error that crossed a process has no traceback: then its type's module decides)."""
+    tb = err.__traceback__
+    if tb is None:
+        return type(err).__module__.startswith(("tasks", "flows", "diffusion_core"))
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_OURS)
 
 
 def _inner(err: BaseException) -> list[BaseException]:
@@ -13,7 +38,9 @@ def _inner(err: BaseException) -> list[BaseException]:
         inner = getattr(err, name, None)
         if isinstance(inner, BaseException) and inner is not err:
             return [inner]
-    return [err.__cause__] if err.__cause__ is not None else []
+    if err.__cause__ is None or _raised_by_us(err):  # our message already says what to do
+        return []
+    return [err.__cause__]
 
 
 def root_causes(err: BaseException) -> list[BaseException]:

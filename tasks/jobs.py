@@ -13,6 +13,7 @@ import math
 import time
 
 from tasks.config import RayConfig
+from tasks.ray_runtime import bundles_that_fit, live_nodes
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +26,9 @@ def pool_size(cfg: RayConfig, bundle: dict[str, float], wanted: int | None, unit
     autoscaler adds the nodes they wait for."""
     if wanted is not None:
         return max(1, min(wanted, units))
-    import ray
-
     if cfg.autoscaling:
         return max(1, units)
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fits = sum(
-        int(min(n.get(r, 0.0) / amount for r, amount in bundle.items() if amount > 0))
-        for n in nodes
-    )
-    return max(1, min(fits, units))
+    return max(1, min(bundles_that_fit(live_nodes(), bundle), units))
 
 
 def duration(seconds: float) -> str:
@@ -48,14 +42,19 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """`what: done/total images  rate img/s  ETA` on the log, at most every `every_s` seconds
-    and once at the end. Counts only the work done now (units found complete are `skip`ped), so
-    the rate and ETA of a resumed job are honest."""
+    """`what: done/total images (pct%)  rate img/s  ETA` on the log, at most every `every_s`
+    seconds and once at the end. Counts only the work done now (units found complete are
+    `skip`ped), so the rate and ETA of a resumed job are honest.
 
-    def __init__(self, what: str, total: int, *, every_s: float = 5.0) -> None:
+    A job that learns its total as it goes (a listing streamed beside the work) starts with
+    `total=None`, counts the units found so far in `listed`, and sets `total` once it knows it;
+    until then the line shows `listed` in place of the total and no ETA."""
+
+    def __init__(self, what: str, total: int | None, *, every_s: float = 5.0) -> None:
         self.what, self.total, self.every_s = what, total, every_s
         self.done = 0
         self.skipped = 0
+        self.listed = 0
         self._start = time.monotonic()
         self._last_log = self._start
 
@@ -66,7 +65,8 @@ class Progress:
     def update(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if self.done >= self.total or now - self._last_log >= self.every_s:
+        finished = self.total is not None and self.done >= self.total
+        if finished or now - self._last_log >= self.every_s:
             self._last_log = now
             log.info("%s", self.line(now))
 
@@ -77,9 +77,16 @@ class Progress:
 
     def line(self, now: float | None = None) -> str:
         rate = self.rate(now)
-        eta = (self.total - self.done) / rate if rate == rate and rate > 0 else float("nan")
-        reused = f" ({self.skipped} reused)" if self.skipped else ""
+        reused = f", {self.skipped} reused" if self.skipped else ""
+        if self.total is None:
+            return (
+                f"{self.what}: {self.done} images ({self.listed} listed so far{reused})  "
+                f"{rate:.1f} img/s"
+            )
+        left = max(self.total - self.done, 0)
+        eta = left / rate if rate == rate and rate > 0 else float("nan")
+        share = 100.0 * self.done / self.total if self.total else 100.0
         return (
-            f"{self.what}: {self.done}/{self.total} images{reused}  {rate:.1f} img/s  "
-            f"ETA {duration(eta)}"
+            f"{self.what}: {self.done}/{self.total} images ({share:.0f}%{reused})  "
+            f"{rate:.1f} img/s  ETA {duration(eta)}"
         )

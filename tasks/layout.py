@@ -13,6 +13,10 @@ layout" section is tested against these functions (tests/unit/test_layout.py).
     runs/<run_id>/eval/<set>/metrics.json  grid.png  report.md
     runs/<run_id>/nightly/<stamp>/report.md  report.html  {grid,loss,fid}.png  summary.json
     runs/<run_id>/nightly/latest.json
+    runs/<run_id>/phema/snapshots/sigma-<sigma_rel>-step-00000600.pt
+    runs/<run_id>/phema/rebuilt/sigma-<sigma_rel>-step-00000600.pt  .json
+    runs/<run_id>/choices/ema-<stamp>/report.md  report.html  choice.json
+    runs/<run_id>/choices/samplers-<stamp>/report.md  report.html  fid.png  choice.json
     stats/<dataset fingerprint>/<extractor sha16>-n<count>.npz
     extractors/<weights file>
     models/<name>/current.json  history.json  step-<step>.pt  step-<step>.json
@@ -102,6 +106,90 @@ def tensorboard_prefix(run_id: str) -> str:
 def tensorboard_file(run_id: str, filename: str) -> str:
     """One TensorBoard event file (`events.out.tfevents.*`) of the run."""
     return f"{tensorboard_prefix(run_id)}/{part(filename, 'event file name')}"
+
+
+# -- post-hoc EMA: power-EMA snapshots, EMAs rebuilt from them, the choice of a length ----------
+def _sigma(sigma_rel: float) -> str:
+    """A power-EMA width as a key part, exactly (`repr` round-trips a float): `sigma-0.05`."""
+    if not 0.0 < sigma_rel < 1.0:
+        raise ValueError(f"power-EMA sigma_rel {sigma_rel!r} is not in (0, 1)")
+    return part(f"sigma-{float(sigma_rel)!r}", "sigma_rel")
+
+
+def phema_snapshots_prefix(run_id: str) -> str:
+    """Every power-EMA snapshot of the run (checkpoint pruning never touches them)."""
+    return f"{run_prefix(run_id)}/phema/snapshots"
+
+
+def phema_snapshot(run_id: str, sigma_rel: float, step: int) -> str:
+    """The power-function EMA of width `sigma_rel` after step `step` (weights only)."""
+    return f"{phema_snapshots_prefix(run_id)}/{_sigma(sigma_rel)}-step-{_step(step)}.pt"
+
+
+def phema_snapshot_of(run_id: str, key: str) -> tuple[float, int] | None:
+    """(sigma_rel, step) of a key `phema_snapshot(run_id, ...)` built, else None."""
+    found = re.fullmatch(
+        re.escape(phema_snapshots_prefix(run_id)) + r"/sigma-([0-9.e+-]+)-step-(\d+)\.pt", key
+    )
+    if found is None:
+        return None
+    try:
+        sigma_rel, step = float(found.group(1)), int(found.group(2))
+    except ValueError:
+        return None
+    return (sigma_rel, step) if key == phema_snapshot(run_id, sigma_rel, step) else None
+
+
+def phema_rebuilt(run_id: str, sigma_rel: float, step: int) -> str:
+    """An EMA of width `sigma_rel` at step `step`, rebuilt from the snapshots: a checkpoint."""
+    return f"{run_prefix(run_id)}/phema/rebuilt/{_sigma(sigma_rel)}-step-{_step(step)}.pt"
+
+
+def phema_rebuilt_record(run_id: str, sigma_rel: float, step: int) -> str:
+    """The `Checkpoint` record of `phema_rebuilt(run_id, sigma_rel, step)`."""
+    return f"{run_prefix(run_id)}/phema/rebuilt/{_sigma(sigma_rel)}-step-{_step(step)}.json"
+
+
+def ema_choice_prefix(run_id: str, stamp: str) -> str:
+    """One `diffpipe ema` choice of an EMA length (`stamp`: when it ran, as `night_stamp`)."""
+    return f"{run_prefix(run_id)}/choices/ema-{part(stamp, 'choice stamp')}"
+
+
+def ema_choice_report(prefix: str) -> str:
+    return f"{prefix}/report.md"
+
+
+def ema_choice_report_html(prefix: str) -> str:
+    return f"{prefix}/report.html"
+
+
+def ema_choice_record(prefix: str) -> str:
+    """The `EmaChoice` record the report renders."""
+    return f"{prefix}/choice.json"
+
+
+# -- sampler sweeps: settings of one checkpoint, scored and chosen -------------------------------
+def sampler_choice_prefix(run_id: str, stamp: str) -> str:
+    """One `diffpipe samplers` sweep (`stamp`: when it ran, as `night_stamp`)."""
+    return f"{run_prefix(run_id)}/choices/samplers-{part(stamp, 'choice stamp')}"
+
+
+def sampler_choice_report(prefix: str) -> str:
+    return f"{prefix}/report.md"
+
+
+def sampler_choice_report_html(prefix: str) -> str:
+    return f"{prefix}/report.html"
+
+
+def sampler_choice_figure(prefix: str) -> str:
+    """The metric against NFE, each setting with its spread over the seed ranges."""
+    return f"{prefix}/fid.png"
+
+
+def sampler_choice_record(prefix: str) -> str:
+    """The `SamplerChoice` record the report renders."""
+    return f"{prefix}/choice.json"
 
 
 # -- sample sets and their evaluations -----------------------------------------------------------
@@ -228,3 +316,8 @@ def model_checkpoint(name: str, step: int) -> str:
 def model_champion(name: str, step: int) -> str:
     """The champion record of the copy `model_checkpoint(name, step)`, kept for rollbacks."""
     return f"{model_prefix(name)}/step-{_step(step)}.json"
+
+
+def is_model_champion(name: str, key: str) -> bool:
+    """Whether `key` is a champion record of model `name` (`model_champion(name, step)`)."""
+    return re.fullmatch(re.escape(model_prefix(name)) + r"/step-\d+\.json", key) is not None

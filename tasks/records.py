@@ -6,6 +6,7 @@
     evaluate -> Metrics (+ Evaluation: the metrics and the report's Markdown)
     promote  -> PromotionDecision, Champion, PromotionHistory
     nightly  -> NightlySummary
+    samplers -> SamplerChoice (a sweep of sampler settings, scored and chosen)
 
 A stored record carries its `format` (name@version). Reading a record of another format fails with
 a `RecordFormatError` naming the object, the format found and the one this version reads; a record
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal, Self
+from typing import Literal, Self, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from diffusion_core.unet import UNetConfig
 from tasks import layout
@@ -85,7 +86,7 @@ class Record(_Model):
 # -- shard ---------------------------------------------------------------------------------------
 class ShardInfo(_Model):
     """One WebDataset .tar object: its key, sample count, sha256 and size in bytes; a dataset
-    shard also names the listing chunk it was written from (`tasks.shard.stage.chunk_id`)."""
+    shard also names the listing chunk it was written from (`tasks.shard.chunks.chunk_id`)."""
 
     key: str
     count: int
@@ -168,6 +169,10 @@ class Checkpoint(Record):
     unet: UNetConfig
     model: ModelConfig
     dataset_fingerprint: str
+    # Set on an EMA rebuilt after training from the run's power-EMA snapshots (`diffpipe ema`):
+    # its width. Its samples are another set than the training checkpoint's of the same step.
+    # Left out of the JSON when None, so training checkpoints' records read as they always did.
+    phema_sigma_rel: float | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @classmethod
     def latest(cls, store: Store, run_id: str) -> Checkpoint | None:
@@ -292,6 +297,9 @@ class ExtractorRecord(_Model):
 
 
 MetricName = Literal["fid", "kid"]
+# The metrics measured on each repeat (one of them decides promotion), in the order reports list
+# them; IS is measured within a repeat only.
+METRICS: tuple[MetricName, ...] = get_args(MetricName)
 
 
 class Provenance(_Model):
@@ -377,9 +385,23 @@ class Metrics(Record):
         """Sample standard deviation of the metric over the repeats; None with one repeat."""
         return self.fid_std if metric == "fid" else self.kid_mean_std
 
+    def scores(self) -> dict[str, float]:
+        """Every score this evaluation measured, by field name (what a metrics table lists)."""
+        named = {
+            "fid": self.fid,
+            "fid_std": self.fid_std,
+            "kid_mean": self.kid_mean,
+            "kid_mean_std": self.kid_mean_std,
+            "kid_std": self.kid_std,
+            "isc_mean": self.isc_mean,
+            "isc_std": self.isc_std,
+        }
+        return {name: value for name, value in named.items() if value is not None}
+
 
 class Evaluation(_Model):
-    """The evaluate stage's hand-off: the metrics and the report it wrote (not read back)."""
+    """An evaluation as a flow hands it on: the metrics and the report.md written for them
+    (`tasks.report.stage.write_evaluation_report`; not read back)."""
 
     metrics: Metrics
     report_markdown: str
@@ -403,11 +425,17 @@ class MetricSample(_Model):
         values = metrics.values(metric)
         return cls(mean=mean, std=metrics.std(metric), k=max(len(values), 1), values=values)
 
-    def describe(self) -> str:
-        """'0.0903 ± 0.0021 (std over k=3)', or '0.0903 (k=1: noise not measured)'."""
-        if self.std is None or self.k < 2:
-            return f"{self.mean:#.4g} (k={self.k}: noise not measured)"
-        return f"{self.mean:#.4g} ± {self.std:#.2g} (std over k={self.k})"
+    def describe(self, detail: str = "") -> str:
+        """The metric with its noise, as every report, log line and reason writes it."""
+        return with_noise(self.mean, self.std, self.k, detail)
+
+
+def with_noise(mean: float, std: float | None, k: int, detail: str = "") -> str:
+    """'0.09030 ± 0.0021 (std over k=3)', or '0.09030 (noise not measured: k=1)' when one repeat
+    measured no noise; `detail` goes inside the parentheses, after the noise."""
+    if std is None or k < 2:
+        return f"{mean:#.4g} (noise not measured: k={k}{detail})"
+    return f"{mean:#.4g} ± {std:#.2g} (std over k={k}{detail})"
 
 
 class PromotionEvidence(_Model):
@@ -417,13 +445,17 @@ class PromotionEvidence(_Model):
     challenger: MetricSample | None
     champion: MetricSample | None = None
     champion_checkpoint_key: str | None = None
+    # "paired": t over the k per-range differences (same seed ranges); "welch": unpaired, the rule
+    # before the paired test (older records hold None and were decided by Welch).
+    test: Literal["paired", "welch"] | None = None
     improvement: float | None = None
-    standard_error: float | None = None  # of the improvement: sqrt(s1^2/k1 + s2^2/k2)
-    df: float | None = None  # Welch-Satterthwaite degrees of freedom
+    standard_error: float | None = None  # of the improvement: sd(d)/sqrt(k), or Welch's
+    df: float | None = None  # k - 1 (paired), Welch-Satterthwaite (welch)
     alpha: float  # promote.alpha: the one-sided test's false-promotion rate
     margin: float | None = None  # Student-t quantile t(1 - alpha, df): the bar, in standard errors
     min_improvement: float | None = None  # promote.min_improvement (relative)
     threshold: float | None = None  # the improvement required, in metric units
+    detectable: float | None = None  # threshold / champion mean: smaller improvements are noise
 
 
 class PromotionDecision(_Model):
@@ -480,6 +512,125 @@ class PromotionHistory(Record):
     )
     decisions: list[PromotionDecision]
     rollbacks: list[Rollback] = []
+
+
+# -- choosing the sampler -------------------------------------------------------------------------
+class ScoredSetting(_Model):
+    """One setting of a sampler sweep, scored on the sweep's shared seed ranges (lower is better)."""
+
+    name: str  # 'dpmpp_2m, 20 steps, logsnr'
+    sampler: str
+    steps: int
+    spacing: str
+    guidance_scale: float
+    eta: float
+    nfe: int  # network evaluations per image
+    values: list[float]  # the metric of each seed range
+    mean: float
+    std: float | None  # None with one seed range: no noise measured
+    samples_key: str
+    metrics_key: str
+    within_noise: bool  # a paired test cannot call it worse than the best
+    best: bool
+    chosen: bool  # the cheapest (fewest NFE) within the noise of the best
+    command: str  # the command line that uses it
+    problems: list[str] = []  # why its score must not be trusted (the evaluation's problems)
+
+
+class SamplerChoice(Record):
+    """A sampler sweep of one checkpoint (`runs/<id>/choices/samplers-<stamp>/choice.json`)."""
+
+    format: Literal["diffusion-pipeline/sampler-choice@1"] = "diffusion-pipeline/sampler-choice@1"
+    run_id: str
+    step: int
+    checkpoint_key: str
+    stamp: str
+    metric: MetricName
+    alpha: float
+    repeats: int
+    num_images: int  # per seed range
+    seed_ranges: list[tuple[int, int]]
+    extractor: str
+    comparable_with_published: bool  # the standard Inception weights
+    settings: list[ScoredSetting]
+    report_key: str
+    report_html_key: str
+    report_url: str
+    created: str
+
+    @property
+    def chosen(self) -> ScoredSetting:
+        return next(s for s in self.settings if s.chosen)
+
+    @property
+    def best(self) -> ScoredSetting:
+        return next(s for s in self.settings if s.best)
+
+
+# -- post-hoc EMA --------------------------------------------------------------------------------
+class RebuiltEma(_Model):
+    """EMAs rebuilt at `step` from the run's power-EMA snapshots, one checkpoint per target width;
+    the snapshots used are those of the widths `snapshot_sigma_rels` at `snapshot_steps`."""
+
+    run_id: str
+    step: int
+    checkpoints: list[Checkpoint]
+    snapshot_sigma_rels: list[float]
+    snapshot_steps: list[int]
+
+
+class EmaCandidate(_Model):
+    """One rebuilt EMA length as scored on the shared seed ranges."""
+
+    sigma_rel: float
+    checkpoint_key: str
+    metrics_key: str
+    fids: list[float]  # one per seed range
+    fid: float | None
+    fid_std: float | None
+    within_noise: bool  # a paired test cannot call it worse than the best (the best included)
+    problems: list[str] = []  # why its scores are not trusted: then it was not a candidate
+
+
+class EmaChoice(Record):
+    """`runs/<id>/choices/ema-<stamp>/choice.json`: the EMA lengths rebuilt at `step`, their FIDs
+    on the same seed ranges, and the one chosen: the lowest mean FID (all lengths cost the same
+    to sample), with those a paired t-test at `alpha` cannot tell from it."""
+
+    format: Literal["diffusion-pipeline/ema-choice@1"] = "diffusion-pipeline/ema-choice@1"
+    run_id: str
+    step: int
+    stamp: str
+    alpha: float
+    candidates: list[EmaCandidate]
+    best: float  # sigma_rel with the lowest mean FID
+    chosen: float
+    snapshot_sigma_rels: list[float]
+    snapshot_steps: list[int]
+    sampling: SampleConfig
+    num_images: int  # per seed range
+    repeats: int
+    seed_ranges: list[tuple[int, int]]
+    num_reference_images: int | None
+    extractor: ExtractorRecord
+    report_url: str  # report.html, where the store has it
+    created: str
+
+    @property
+    def prefix(self) -> str:
+        return layout.ema_choice_prefix(self.run_id, self.stamp)
+
+    @property
+    def key(self) -> str:
+        return layout.ema_choice_record(self.prefix)
+
+    @property
+    def report_key(self) -> str:
+        return layout.ema_choice_report(self.prefix)
+
+    @property
+    def report_html_key(self) -> str:
+        return layout.ema_choice_report_html(self.prefix)
 
 
 # -- nightly -------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ first thing, `ensure_ray` calls it before Ray is imported, and a flow run calls 
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+from pathlib import Path
 
 PROCESS_DEFAULTS = {
     # Our modules log through `logging`; Prefect forwards these loggers to the run logs. Read when
@@ -33,3 +36,17 @@ def temp_prefix(pid: int | None = None) -> str:
     """Name prefix of the temporary folders process `pid` makes (flows/watchdog.py removes them
     when that process is gone)."""
     return f"diffpipe-{pid or os.getpid()}-"
+
+
+def ray_temp_root() -> Path:
+    """Where a local Ray cluster's temporary folder goes: where Ray itself would put it ($RAY_TMPDIR,
+    else $TMPDIR on Linux, else /tmp), a short path, as Ray's Unix socket paths below it must stay
+    under 108 bytes (macOS's $TMPDIR is too long for them)."""
+    if os.environ.get("RAY_TMPDIR"):
+        return Path(os.environ["RAY_TMPDIR"])
+    return Path(tempfile.gettempdir() if sys.platform.startswith("linux") else "/tmp")
+
+
+def temp_roots() -> list[Path]:
+    """The folders a process's temporary folders (named with `temp_prefix`) are made in."""
+    return list(dict.fromkeys([Path(tempfile.gettempdir()), ray_temp_root()]))

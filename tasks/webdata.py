@@ -56,6 +56,26 @@ class _HashingWriter:
         pass
 
 
+class _HashingReader:
+    """Stream wrapper that hashes what is read, so a shard is checked against its sha256 in the
+    same pass that reads it."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.hash = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.hash.update(data)
+        return data
+
+    def drain(self) -> str:
+        """Read to the end (a tar's trailing blocks are never parsed) and return the sha256."""
+        while self.read(1 << 20):
+            pass
+        return self.hash.hexdigest()
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 [H, W] or [H, W, C] (C in 1, 3) -> PNG bytes."""
     if image.dtype != np.uint8:
@@ -142,25 +162,40 @@ class ShardReadError(ValueError):
     """A shard or one of its samples cannot be read; the message names the shard URL and sample."""
 
 
-def iter_raw_samples(store: Store, keys: list[str]) -> Iterator[RawSample]:
+def iter_raw_samples(
+    store: Store, keys: list[str], sha256: dict[str, str] | None = None
+) -> Iterator[RawSample]:
     """Stream the samples of `keys` in order, members as raw bytes (no decoding, no pickle).
 
     Each shard is opened through this store (no process-wide opener registry) and split into
-    samples by webdataset's own tar iterators.
+    samples by webdataset's own tar iterators. A shard named in `sha256` is hashed as it is read
+    and, once its last sample was yielded, checked: a byte changed where no reader looks (PNG
+    pixels whose CRC PIL does not check, tar padding) raises `ShardReadError` naming the shard
+    instead of passing silently. Only a shard read to its end is checked.
     """
     for key in keys:
         url, last = store.url(key), None
+        expected = (sha256 or {}).get(key)
+        found = None
         try:
             with store.open_read(key) as stream:
-                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+                reader = _HashingReader(stream)
+                for sample in group_by_keys(tar_file_expander([{"url": url, "stream": reader}])):
                     last = sample.get("__key__")
                     yield sample
+                found = reader.drain() if expected else None
         except (tarfile.TarError, OSError, ValueError, EOFError) as err:
             where = f"after sample {last!r}" if last else "at its first sample"
             raise ShardReadError(
                 f"cannot read shard {url} ({where}): {type(err).__name__}: {err}. The shard is "
                 "damaged or was changed after it was written; rerun the stage that wrote it."
             ) from err
+        if expected and found != expected:
+            raise ShardReadError(
+                f"shard {url} does not match its recorded sha256 ({found} read, {expected} "
+                "recorded): it was damaged or changed after it was written; rerun the stage that "
+                "wrote it"
+            )
 
 
 def decode_sample(sample: RawSample, channels: int) -> DecodedSample:

@@ -14,8 +14,7 @@ The same worker runs in this process (`LocalPool`) or as a Ray actor (`tasks.eva
 from __future__ import annotations
 
 import hashlib
-import io
-import json
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -32,8 +31,9 @@ from torch_fidelity.metric_isc import (
 from diffusion_core.fid import FeatureMoments, kernel_inception_distance
 from tasks.config import EvalConfig, StorageConfig
 from tasks.evaluate.inception import FEATURES, ExtractorInfo, load_extractor, resolve_extractor
+from tasks.npz import DamagedCacheError, read_npz, write_npz
 from tasks.storage import Store, open_store, sha256_file
-from tasks.webdata import DecodedSample, iter_images
+from tasks.webdata import DecodedSample, decode_sample, iter_raw_samples
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,10 @@ def device_name(device: str) -> str:
 
 def read_stored_features(store: Store, key: str) -> tuple[dict[str, np.ndarray], dict[str, object]]:
     """A shard's stored features {"2048": float32 [N, 2048], "logits_unbiased": [N, 1008]} and
-    their meta (shard and extractor sha256, count, image checks)."""
-    with np.load(io.BytesIO(store.read_bytes(key)), allow_pickle=False) as npz:
-        meta = json.loads(str(npz["meta"]))
-        return {name: npz[name] for name in FEATURES}, meta
+    their meta (shard and extractor sha256, count, image checks); `DamagedCacheError` when the
+    object's bytes do not read back."""
+    cached = read_npz(store, key, FEATURES)
+    return cached.arrays, cached.meta
 
 
 class FeatureWorker:
@@ -166,9 +166,9 @@ class FeatureWorker:
         """Stream the shard batch by batch through the extractor."""
         out: dict[str, list[np.ndarray]] = {name: [] for name in FEATURES}
         flat, first, all_same = 0, None, True
-        for batch in _batches(
-            iter_images(self.store, [job.key], self.channels), job.count, self.cfg.batch_size
-        ):
+        raw = iter_raw_samples(self.store, [job.key], {job.key: job.sha256})
+        images = (decode_sample(s, self.channels) for s in itertools.islice(raw, job.count))
+        for batch in _batches(images, job.count, self.cfg.batch_size):
             pixels = batch.reshape(len(batch), -1)
             flat += int((pixels.max(axis=1) == pixels.min(axis=1)).sum())
             if first is None:
@@ -180,6 +180,8 @@ class FeatureWorker:
             with torch.inference_mode():
                 for name, value in zip(FEATURES, self.model(x), strict=True):
                     out[name].append(value.float().cpu().numpy())
+        for _ in raw:  # the rest of the shard, read but not decoded: its sha256 is checked
+            pass
         if first is None:
             raise ValueError(f"shard {self.store.url(job.key)} holds no images")
         features = {name: np.concatenate(parts) for name, parts in out.items()}
@@ -200,11 +202,8 @@ class FeatureWorker:
 
     def _keep(self, job: ShardJob, features: dict[str, np.ndarray], checks: ImageChecks) -> None:
         assert job.features_key is not None
-        buf = io.BytesIO()
         meta = self._meta(job) | asdict(checks) | {"extractor_label": self.extractor.label}
-        arrays = {**features, "meta": np.array(json.dumps(meta))}
-        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub: **kwds are arrays
-        self.store.write_bytes(job.features_key, buf.getvalue())
+        write_npz(self.store, job.features_key, features, meta)
 
     def _stored(self, job: ShardJob) -> ShardFeatures | None:
         assert job.features_key is not None
@@ -212,12 +211,8 @@ class FeatureWorker:
             features, meta = read_stored_features(self.store, job.features_key)
         except FileNotFoundError:
             return None
-        except (ValueError, KeyError, OSError) as err:
-            log.warning(
-                "features %s unreadable (%s); extracting again",
-                self.store.url(job.features_key),
-                err,
-            )
+        except DamagedCacheError as err:  # extracted again and overwritten by `shard`
+            log.warning("%s; extracting the features of %s again", err, job.key)
             return None
         if any(meta.get(k) != v for k, v in self._meta(job).items()):
             return None  # another shard or extractor under this key: extract again
@@ -237,10 +232,7 @@ class FeatureWorker:
         result = RepeatScores(repeat=job.repeat)
         if job.kid:
             assert job.reference_key is not None
-            with np.load(
-                io.BytesIO(self.store.read_bytes(job.reference_key)), allow_pickle=False
-            ) as npz:
-                reference = npz["features"]
+            reference = read_npz(self.store, job.reference_key, ["features"]).arrays["features"]
             mean, std = kernel_inception_distance(
                 np.concatenate([p[_POOL] for p in parts]),
                 reference,

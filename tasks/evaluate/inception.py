@@ -15,15 +15,18 @@ import functools
 import hashlib
 import io
 import logging
+import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
+import torch_fidelity
 from torch_fidelity.feature_extractor_inceptionv3 import (
     URL_INCEPTION_V3,
     FeatureExtractorInceptionV3,
@@ -31,7 +34,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 
 from tasks import layout
 from tasks.config import EvalConfig
-from tasks.records import ExtractorRecord
+from tasks.records import ExtractorRecord, Provenance
 from tasks.storage import Store, atomic_local_file, sha256_file
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,40 @@ class ExtractorInfo:
         return ExtractorRecord(
             label=self.label, weights_sha256=self.sha256, standard=self.standard, source=self.source
         )
+
+
+def provenance(devices: set[str]) -> Provenance:
+    """What else produced an evaluation besides its extractor: package version and git commit,
+    torch, torch-fidelity, and the device kind(s) the features were extracted on."""
+    try:
+        package = version("diffusion-pipeline")
+    except PackageNotFoundError:
+        package = "unknown"
+    return Provenance(
+        package_version=package,
+        git_commit=_git_commit(),
+        torch=torch.__version__,
+        torch_fidelity=str(torch_fidelity.__version__),
+        device=", ".join(sorted(devices)) or "cpu",
+    )
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit (with `-dirty` when tracked files differ from it); None outside git
+    (an installed wheel, Ray's py_modules copy, an image without .git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "diff", "--quiet", "HEAD", "--"], cwd=here, capture_output=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 1 else "")
 
 
 # -- weights: where they come from --------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The nightly report's figures as PNG bytes: the training loss curve and the metric over nights.
+"""The reports' figures as PNG bytes: the sample grid, the training loss curve, the metric over
+nights and a metric against a cost (the sampler sweep's FID against NFE).
 
 Matplotlib's object API with the Agg canvas: no pyplot, so no global figure state and no GUI
 backend, in any thread or Ray worker.
@@ -9,10 +10,12 @@ from __future__ import annotations
 import io
 import math
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from tasks.records import LogWindow, PromotionDecision
+from tasks.webdata import encode_png
 
 _SIZE = (7.0, 3.2)  # inches, at 100 dpi: 700 x 320 px
 _DPI = 100
@@ -22,6 +25,21 @@ def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     FigureCanvasAgg(fig).print_png(buf)
     return buf.getvalue()
+
+
+def sample_grid(images_uint8: np.ndarray, min_width: int = 384) -> bytes:
+    """uint8 [N, C, H, W] -> a square grid as PNG, upscaled (nearest) to at least `min_width` px."""
+    n, c, h, w = images_uint8.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pad = 1  # a gray line between cells: small images with dark borders would run together
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 96, dtype=np.uint8)
+    for i, image in enumerate(images_uint8):
+        r, col = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = image.transpose(1, 2, 0)
+    scale = max(1, math.ceil(min_width / grid.shape[1]))
+    return encode_png(grid.repeat(scale, axis=0).repeat(scale, axis=1))
 
 
 def loss_curve(windows: list[LogWindow], night_start: int | None = None) -> bytes:
@@ -78,5 +96,47 @@ def metric_over_nights(decisions: list[PromotionDecision]) -> bytes:
     ax.set_ylabel(decisions[0].metric.upper() if decisions else "metric")
     ax.set_xlabel("night (UTC)")
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _png(fig)
+
+
+def metric_against_cost(
+    series: dict[str, list[tuple[float, float, float]]],
+    chosen: tuple[float, float],
+    *,
+    metric: str,
+    cost: str,
+) -> bytes:
+    """One line per series through its (cost, mean, std) points, the std as error bars, cost on a
+    log axis; the chosen point circled."""
+    fig = Figure(figsize=(7.0, 4.0), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for label, points in series.items():
+        points = sorted(points)
+        ax.errorbar(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            yerr=[p[2] for p in points],
+            fmt="o-",
+            capsize=3,
+            markersize=4,
+            label=label,
+        )
+    ax.plot(
+        [chosen[0]],
+        [chosen[1]],
+        "o",
+        markersize=14,
+        markerfacecolor="none",
+        markeredgecolor="black",
+        label="chosen",
+    )
+    ax.set_xscale("log")
+    costs = sorted({p[0] for points in series.values() for p in points})
+    ax.minorticks_off()
+    ax.set_xticks(costs, [f"{c:g}" for c in costs], fontsize=7)
+    ax.set_xlabel(cost)
+    ax.set_ylabel(f"{metric} (mean ± std over the seed ranges)")
+    ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return _png(fig)

@@ -1,4 +1,6 @@
-"""The nightly report: what each stage did and how long it took, the metrics with their noise, the
+"""The reports: every document a person reads, rendered from the records the stages produced.
+
+The nightly report: what each stage did and how long it took, the metrics with their noise, the
 sample grid, the loss curve, the metric over nights and the promotion decision with its evidence.
 
     runs/<run_id>/nightly/<stamp>/report.html   self-contained: its images inlined as data: URIs
@@ -7,21 +9,20 @@ sample grid, the loss curve, the metric over nights and the promotion decision w
     runs/<run_id>/nightly/<stamp>/summary.json  the NightlySummary record
     runs/<run_id>/nightly/latest.json           the newest summary (written last)
 
-The content is built once (`build_report`, a list of sections) and rendered twice, to Markdown
-(`render_markdown`, also what the Prefect artifact shows) and to HTML (`render_html`).
+The content is built once (`build_report`, a `tasks.report.document.Document`) and rendered twice,
+to Markdown (also what the Prefect artifact shows) and to HTML.
+
+An evaluation's report: `runs/<run_id>/eval/<set>/report.md` and `grid.png` beside its
+metrics.json (`write_evaluation_report`): the sections the nightly report shows of it
+(`tasks.report.evaluation`).
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import logging
-from dataclasses import dataclass
-from typing import Literal
 
 from tasks import layout
 from tasks.records import (
-    MetricName,
     Metrics,
     MetricSample,
     NightlySummary,
@@ -34,50 +35,23 @@ from tasks.records import (
     TrainHistory,
     TrainResult,
 )
-from tasks.report import figures
+from tasks.report import evaluation, figures
+from tasks.report.document import (
+    Document,
+    Image,
+    Section,
+    Table,
+    Text,
+    render_html,
+    render_markdown,
+)
 from tasks.storage import Store
+from tasks.webdata import read_images
 
 log = logging.getLogger(__name__)
 
 # The sections every report has, in order (a test opens report.html and looks for each id).
 SECTIONS = ("metrics", "samples", "loss", "fid-over-nights", "promotion", "stages", "settings")
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-    style: Literal["plain", "warning", "strong"] = "plain"
-
-
-@dataclass(frozen=True)
-class Table:
-    header: list[str]
-    rows: list[list[str]]
-
-
-@dataclass(frozen=True)
-class Image:
-    figure: layout.NightlyFigure
-    png: bytes | None
-    alt: str
-    missing: str  # shown instead when there is no image
-
-
-Block = Text | Table | Image
-
-
-@dataclass(frozen=True)
-class Section:
-    id: str
-    title: str
-    blocks: list[Block]
-
-
-@dataclass(frozen=True)
-class Report:
-    title: str
-    warnings: list[str]
-    sections: list[Section]
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -88,31 +62,23 @@ def _with_noise(sample: MetricSample | None) -> str:
     return "n/a" if sample is None else sample.describe()
 
 
-def _metric_rows(m: Metrics) -> list[list[str]]:
-    rows = []
-    named: tuple[tuple[str, MetricName], ...] = (("FID", "fid"), ("KID", "kid"))
-    for name, metric in named:
-        sample = MetricSample.of(m, metric)
-        if sample is not None:
-            per_repeat = ", ".join(f"{v:#.4g}" for v in sample.values)
-            rows.append([name, _with_noise(sample), str(sample.k), per_repeat or "-"])
-    if m.kid_std is not None:
-        rows.append(["KID spread over subsets", _num(m.kid_std), "-", f"{m.kid_subsets} subsets"])
-    if m.isc_mean is not None:
-        rows.append(
-            ["IS", f"{_num(m.isc_mean)} ± {_num(m.isc_std, 2)} (std over splits)", "-", "-"]
-        )
-    return rows
-
-
 def _evidence_rows(d: PromotionDecision) -> list[list[str]]:
     e = d.evidence
     rows = [
         ["challenger", _with_noise(e.challenger), d.checkpoint_key],
         ["champion", _with_noise(e.champion), e.champion_checkpoint_key or "-"],
         ["improvement (champion - challenger)", _num(e.improvement), "lower is better"],
-        ["standard error of the improvement", _num(e.standard_error), "sqrt(s1²/k1 + s2²/k2)"],
-        ["degrees of freedom", _num(e.df, 3), "Welch-Satterthwaite"],
+        ["test", e.test or "welch", _TESTS.get(e.test or "welch", "-")],
+        [
+            "standard error of the improvement",
+            _num(e.standard_error),
+            _SE.get(e.test or "welch", "-"),
+        ],
+        [
+            "degrees of freedom",
+            _num(e.df, 3),
+            "k - 1" if e.test == "paired" else "Welch-Satterthwaite",
+        ],
         ["margin", _num(e.margin, 3), f"standard errors: t(1 - {e.alpha:g}, df)"],
         [
             "min_improvement",
@@ -120,8 +86,20 @@ def _evidence_rows(d: PromotionDecision) -> list[list[str]]:
             "fraction of the champion's value",
         ],
         ["threshold", _num(e.threshold), "the improvement needed to promote"],
+        [
+            "detectable",
+            "-" if e.detectable is None else f"{100 * e.detectable:.2g} %",
+            "smaller improvements (of the champion's value) are within the noise",
+        ],
     ]
     return rows
+
+
+_TESTS = {
+    "paired": "one-sided paired t over the per-range differences (same seed ranges)",
+    "welch": "one-sided Welch t on the two means (decisions before the paired test)",
+}
+_SE = {"paired": "sd(champion_i - challenger_i) / sqrt(k)", "welch": "sqrt(s1²/k1 + s2²/k2)"}
 
 
 def _stage_rows(stages: list[StageTiming]) -> list[list[str]]:
@@ -130,32 +108,6 @@ def _stage_rows(stages: list[StageTiming]) -> list[list[str]]:
         reused = "" if s.reused is None else (" (reused)" if s.reused else "")
         rows.append([s.name + reused, f"{s.seconds:.1f} s", s.detail])
     rows.append(["total", f"{sum(s.seconds for s in stages):.1f} s", ""])
-    return rows
-
-
-def _settings_rows(m: Metrics) -> list[list[str]]:
-    sc = m.sampling
-    ranges = ", ".join(f"{a}..{b - 1}" for a, b in m.seed_ranges) or (
-        f"{sc.seed_start}..{sc.seed_start + m.num_images - 1}"
-    )
-    rows = [
-        ["sampler", f"{sc.sampler}, {sc.steps} steps, {sc.spacing} spacing, eta {sc.eta:g}"],
-        ["guidance scale", f"{sc.guidance_scale:g}"],
-        ["weights", m.weights],
-        ["images", f"{m.repeats} x {m.num_images} (seeds {ranges})"],
-        ["held-out images", str(m.num_reference_images)],
-        ["reference statistics", str(m.reference_stats_key)],
-        ["extractor", f"{m.extractor.label} (sha256 {m.extractor.weights_sha256[:16]}…)"],
-        ["checkpoint", f"{m.checkpoint_key} (step {m.checkpoint_step})"],
-        ["evaluated", m.created],
-    ]
-    if m.provenance is not None:
-        p = m.provenance
-        rows += [
-            ["code", f"diffusion-pipeline {p.package_version}, commit {p.git_commit or 'unknown'}"],
-            ["libraries", f"torch {p.torch}, torch-fidelity {p.torch_fidelity}"],
-            ["device", p.device],
-        ]
     return rows
 
 
@@ -177,43 +129,18 @@ def _decisions(store: Store, decision: PromotionDecision) -> list[PromotionDecis
     )
 
 
-def build_report(store: Store, summary: NightlySummary) -> Report:
+def build_report(store: Store, summary: NightlySummary) -> Document:
     """The report's content: reads the grid, the training history and the promotion history."""
     m, d = summary.metrics, summary.promotion
-    warnings = [f"NOT TRUSTWORTHY: {p}. This evaluation is never promoted." for p in m.problems]
-    if not m.extractor.standard:
-        warnings.append(
-            f"FID computed with a stand-in extractor ({m.extractor.label}): NOT comparable with "
-            "published FIDs, only with runs that report the same extractor sha256 "
-            f"{m.extractor.weights_sha256[:16]}."
-        )
     grid = store.read_bytes(m.grid_key) if store.exists(m.grid_key) else None
     history = _train_history(store, summary.run_id)
     windows = history.windows if history else []
     loss = figures.loss_curve(windows, summary.resumed_from) if windows else None
     decisions = _decisions(store, d)
-    noise = (
-        "the noise is the sample standard deviation over the repeats (disjoint seed ranges)"
-        if m.repeats > 1
-        else "noise not measured: evaluate.repeats=1 (set it to 2 or more)"
-    )
     verdict = "PROMOTED" if d.promoted else "Not promoted, the champion stays"
     sections = [
-        Section(
-            "metrics",
-            "Metrics and their noise",
-            [
-                Text(
-                    f"{m.repeats} x {m.num_images} samples vs {m.num_reference_images} held-out images; {noise}."
-                ),
-                Table(["metric", "mean ± std", "k", "per repeat"], _metric_rows(m)),
-            ],
-        ),
-        Section(
-            "samples",
-            "Samples",
-            [Image("grid", grid, "sample grid", "no sample grid was written")],
-        ),
+        evaluation.metrics_section(m),
+        evaluation.samples_section(grid),
         Section(
             "loss",
             "Training loss",
@@ -249,104 +176,27 @@ def build_report(store: Store, summary: NightlySummary) -> Report:
         Section(
             "stages", "Stages", [Table(["stage", "took", "result"], _stage_rows(summary.stages))]
         ),
-        Section(
-            "settings", "Evaluation settings", [Table(["setting", "value"], _settings_rows(m))]
-        ),
+        evaluation.settings_section(m),
     ]
     assert tuple(s.id for s in sections) == SECTIONS
-    return Report(f"Nightly {summary.stamp}: run {summary.run_id}", warnings, sections)
+    title = f"Nightly {summary.stamp}: run {summary.run_id}"
+    return Document(title, evaluation.warnings(m), sections)
 
 
-# -- rendering -----------------------------------------------------------------------------------
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(report: Report, images: bool = True) -> str:
-    """Markdown; `images` links each figure by its file name (they sit beside report.md),
-    otherwise (a Prefect artifact) a figure is named, not shown."""
-    lines = [f"# {report.title}", ""]
-    lines += [line for w in report.warnings for line in (f"> **WARNING: {w}**", "")]
-    for section in report.sections:
-        lines += [f"## {section.title}", ""]
-        for block in section.blocks:
-            if isinstance(block, Text):
-                lines += [f"**{block.text}**" if block.style == "strong" else block.text, ""]
-            elif isinstance(block, Table):
-                lines.append("| " + " | ".join(_md_cell(h) for h in block.header) + " |")
-                lines.append("|" + "---|" * len(block.header))
-                lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
-                lines.append("")
-            elif block.png is None:
-                lines += [f"_{block.missing}_", ""]
-            elif images:
-                lines += [f"![{block.alt}]({block.figure}.png)", ""]
-            else:
-                lines += [f"_{block.alt}: in the HTML report_", ""]
-    return "\n".join(lines)
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
-       color: #222; }
-table { border-collapse: collapse; margin: 0.5rem 0 1rem; }
-th, td { border: 1px solid #ccc; padding: 0.25rem 0.6rem; text-align: left; vertical-align: top;
-         overflow-wrap: anywhere; }
-th { background: #f2f2f2; }
-.warning { background: #fff3cd; border-left: 4px solid #e0a800; padding: 0.5rem 1rem; }
-.missing { color: #777; font-style: italic; }
-img { max-width: 100%; image-rendering: pixelated; }
-"""
-
-# Marks the page once loaded: how many of its images decoded (a headless-browser test reads it).
-_SCRIPT = """
-window.addEventListener("load", () => {
-  const images = Array.from(document.images);
-  const ok = images.filter((img) => img.complete && img.naturalWidth > 0).length;
-  document.body.dataset.imagesLoaded = ok + "/" + images.length;
-});
-"""
-
-
-def render_html(report: Report) -> str:
-    """One self-contained page: inline CSS, images as data: URIs, nothing fetched."""
-    e = html.escape
-    out = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>{e(report.title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{e(report.title)}</h1>",
-    ]
-    out += [f'<p class="warning"><strong>WARNING: {e(w)}</strong></p>' for w in report.warnings]
-    for section in report.sections:
-        out.append(f'<section id="{section.id}"><h2>{e(section.title)}</h2>')
-        for block in section.blocks:
-            if isinstance(block, Text):
-                text = e(block.text)
-                out.append(
-                    f"<p><strong>{text}</strong></p>"
-                    if block.style == "strong"
-                    else f"<p>{text}</p>"
-                )
-            elif isinstance(block, Table):
-                out.append(
-                    "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in block.header) + "</tr>"
-                )
-                out += [
-                    "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>"
-                    for row in block.rows
-                ]
-                out.append("</table>")
-            elif block.png is None:
-                out.append(f'<p class="missing">{e(block.missing)}</p>')
-            else:
-                data = base64.b64encode(block.png).decode("ascii")
-                out.append(
-                    f'<img id="{block.figure}" alt="{e(block.alt)}" src="data:image/png;base64,{data}">'
-                )
-        out.append("</section>")
-    out += [f"<script>{_SCRIPT}</script>", "</body></html>", ""]
-    return "\n".join(out)
+def write_evaluation_report(
+    store: Store, metrics: Metrics, samples: SampleSet, grid_images: int
+) -> str:
+    """Write an evaluation's grid.png (the first `grid_images` images of its first repeat) and
+    report.md beside its metrics.json; returns the report's Markdown."""
+    if samples.key != metrics.samples_key:
+        raise ValueError(f"metrics of {metrics.samples_key} given with samples {samples.key}")
+    keys = [s.key for s in samples.repeat_shards(0)]
+    images, _ = read_images(store, keys, samples.channels, min(grid_images, samples.num_images))
+    grid = figures.sample_grid(images)
+    store.write_bytes(metrics.grid_key, grid)
+    markdown = render_markdown(evaluation.document(metrics, grid))
+    store.write_text(metrics.report_key, markdown)
+    return markdown
 
 
 def nightly_summary(
@@ -383,14 +233,12 @@ def nightly_summary(
     )
 
 
-def write_nightly_report(store: Store, summary: NightlySummary) -> Report:
+def write_nightly_report(store: Store, summary: NightlySummary) -> Document:
     """Write the night's figures, report.md, report.html and summary.json, then latest.json."""
     prefix = layout.nightly_prefix(summary.run_id, summary.stamp)
     report = build_report(store, summary)
-    for section in report.sections:
-        for block in section.blocks:
-            if isinstance(block, Image) and block.png is not None:
-                store.write_bytes(layout.nightly_figure(prefix, block.figure), block.png)
+    for figure, png in report.images():
+        store.write_bytes(layout.nightly_figure(prefix, figure), png)
     store.write_text(summary.report_key, render_markdown(report))
     store.write_text(summary.report_html_key, render_html(report))
     summary.write(store, layout.nightly_summary(prefix))

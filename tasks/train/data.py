@@ -1,6 +1,6 @@
 """The data path of one DDP rank: its shards, a seeded shuffle, decoding, flips and batching.
 
-Decoding, augmentation and batching run off the training thread, in `train.data_workers`
+Decoding, augmentation and batching run off the training thread, in `train.loader_processes`
 background processes (a torch DataLoader over `RankBatches`, an IterableDataset); the training
 loop only takes finished uint8 batches and copies them to its device (pinned memory and
 non-blocking copies on a GPU).

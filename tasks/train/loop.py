@@ -1,6 +1,6 @@
 """The training loop one DDP rank runs: stream its shards, step, average, checkpoint.
 
-No Ray here: `tasks/train.py` runs this under Ray Train's TorchTrainer, and tests run it in-process
+No Ray here: `tasks/train/stage.py` runs this under Ray Train's TorchTrainer, and tests run it in-process
 with world size 1. A run resumes exactly: the model, EMA, optimizer and step come from the latest
 checkpoint, and the data position, the noise and the dropout masks of a step are functions of
 (seed, rank, step) alone, so N steps + resume + M steps equals N + M steps in one go.
@@ -13,23 +13,26 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_core.ema import EMA
-from diffusion_core.objectives import training_loss
+from diffusion_core.objectives import PredictionType, training_loss
 from diffusion_core.perf import autocast
+from diffusion_core.phema import PowerEMA
 from diffusion_core.schedules import alpha_bar_from_betas, make_betas
 from diffusion_core.unet import UNet, UNetConfig
 from tasks import layout
-from tasks.config import ModelConfig, PipelineConfig, TrainConfig
+from tasks.config import ConfigError, ModelConfig, PipelineConfig, TrainConfig
 from tasks.records import Checkpoint, DatasetManifest, LogWindow, TrainResult
 from tasks.runtime import temp_prefix
 from tasks.storage import Store, open_store, sha256_bytes
 from tasks.train.data import RankBatches, load_batches, to_device
 from tasks.train.log import RunLog
+from tasks.train.phema import snapshot_due, write_snapshots
 
 log = logging.getLogger(__name__)
 FUSED_ADAMW = ("cpu", "cuda")
@@ -155,23 +158,32 @@ def _check_finite(
                 )
 
 
-def run_training(
-    job: TrainJob,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    device: torch.device | None = None,
-    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
-    report: Callable[[dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train up to `job.target_step`, resuming from the latest checkpoint (rank 0 saves)."""
-    device = device or torch.device("cpu")
-    tc, store = job.train, open_store(job.config.storage)
-    unet_cfg = unet_config_for(job.model, job.manifest)
-    alpha_bar = alpha_bar_from_betas(make_betas(job.model.schedule, job.model.num_timesteps)).to(
-        device
-    )
+@dataclass
+class TrainState:
+    """What the steps change and a checkpoint holds: the network, its EMA and AdamW, with the
+    learning-rate schedule that drives AdamW; on rank 0 the power EMAs of post-hoc EMA."""
 
+    net: UNet
+    model: Callable[..., torch.Tensor]  # `net` as a step calls it: DDP-wrapped, maybe compiled
+    ema: EMA
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    phema: PowerEMA | None = None  # train.phema_sigma_rels, tracked where snapshots are written
+
+
+def init_state(
+    job: TrainJob,
+    unet_cfg: UNetConfig,
+    device: torch.device,
+    start: bytes | None,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None,
+    *,
+    track_phema: bool = False,
+) -> tuple[TrainState, int]:
+    """Fresh weights (the same on every rank), or those of the checkpoint bytes `start`, with its
+    EMA and optimizer; and the step they are at. `track_phema`: also the power EMAs of
+    `train.phema_sigma_rels` (rank 0, which writes their snapshots)."""
+    tc = job.train
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
     net = UNet(unet_cfg).to(device)
     if tc.channels_last:
@@ -182,29 +194,144 @@ def run_training(
     opt = torch.optim.AdamW(
         net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=device.type in FUSED_ADAMW
     )
-
-    start_step, resumed_from = 0, None
-    latest = Checkpoint.latest(store, tc.run_id)
-    if latest is not None:
-        check_resume_compatible(latest, job.model, unet_cfg)
-        state = load_checkpoint(latest.read_bytes(store), map_location=device)
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
+    step = 0
+    saved: dict[str, Any] = {}
+    if start is not None:
+        saved = load_checkpoint(start, map_location=device)
+        net.load_state_dict(saved["model"])
+        ema.load_state_dict(saved["ema"])
+        opt.load_state_dict(saved["optimizer"])
         for group in opt.param_groups:  # the config's settings, not the checkpoint's, drive on
             group.update(initial_lr=tc.lr, weight_decay=tc.weight_decay)
-        start_step = resumed_from = int(state["step"])
-        if rank == 0:
-            log.info(
-                "resuming run %s from step %d (%s)", tc.run_id, start_step, store.url(latest.key)
-            )
-
+        step = int(saved["step"])
+    phema = _init_phema(tc, net, saved.get("phema"), step) if track_phema else None
     model: Callable[..., torch.Tensor] = wrap_model(net) if wrap_model else net
     if tc.compile:
         model = torch.compile(model)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: _lr_factor(s, tc.warmup_steps), last_epoch=start_step - 1
+        opt, lambda s: _lr_factor(s, tc.warmup_steps), last_epoch=step - 1
     )
+    return TrainState(net=net, model=model, ema=ema, opt=opt, sched=sched, phema=phema), step
+
+
+def _init_phema(tc: TrainConfig, net: UNet, saved: Any, step: int) -> PowerEMA | None:
+    """The power EMAs of `train.phema_sigma_rels`, resumed from a checkpoint's `saved` state."""
+    if not tc.phema_sigma_rels:
+        if saved:
+            log.info("train.phema_sigma_rels is empty: the run's power EMAs are no longer kept")
+        return None
+    phema = PowerEMA(net.state_dict(), tc.phema_sigma_rels)
+    if saved:
+        if [float(s) for s in saved["sigma_rels"]] != phema.sigma_rels:
+            raise ConfigError(
+                f"run {tc.run_id!r} keeps power EMAs of sigma_rel {saved['sigma_rels']}; "
+                f"train.phema_sigma_rels={list(tc.phema_sigma_rels)} now. Restore the setting, "
+                "or start a new run with another train.run_id"
+            )
+        phema.load_state_dict(saved)
+        assert phema.step == step, (phema.step, step)
+    elif step > 0:
+        # The average of steps 1..step is unknown: the weights of step `step` stand in for it
+        # (the next update folds them in as an average of that age), which at step t misplaces
+        # the profile's mass (step / t)^(gamma + 1).
+        phema.step = step
+        log.warning(
+            "run %s resumes at step %d from a checkpoint without power EMAs: they start here, "
+            "the weights of step %d standing in for all before",
+            tc.run_id,
+            step,
+            step,
+        )
+    return phema
+
+
+def train_step(
+    state: TrainState,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    step: int,
+    seed: int,
+    alpha_bar: torch.Tensor,
+    prediction_type: PredictionType,
+    num_classes: int | None,
+    tc: TrainConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step at `step` on a batch: x0 float32 [B, C, H, W] in [-1, 1], labels
+    int64 [B] (ignored when `num_classes` is None). `seed` draws everything random in it, so a
+    resumed run repeats the step exactly. Returns the loss and the gradient norm, detached on the
+    device (reading them would wait for a GPU)."""
+    # 1. the batch in the network's memory format; the step's randomness
+    if tc.channels_last:
+        x0 = x0.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(seed)  # dropout masks
+    gen = torch.Generator(device=x0.device).manual_seed(seed)  # timesteps, noise, label dropout
+    # 2. the loss (DDPM's simple loss, optionally Min-SNR weighted)
+    with autocast(x0.device, enabled=tc.bf16):
+        loss = training_loss(
+            state.model,
+            x0,
+            labels if num_classes is not None else None,
+            alpha_bar=alpha_bar,
+            prediction_type=prediction_type,
+            generator=gen,
+            min_snr_gamma=tc.min_snr_gamma,
+            label_dropout=tc.label_dropout if num_classes is not None else 0.0,
+            null_label=num_classes,
+        )
+    # 3. gradients (averaged over the ranks by DDP), clipped or only measured
+    state.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = list(state.net.parameters())
+    if tc.grad_clip:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    # 4. AdamW, the learning-rate schedule, the EMA
+    state.opt.step()
+    state.sched.step()
+    state.ema.update(state.net, step)
+    if state.phema is not None:
+        state.phema.update(step + 1, state.net.state_dict())  # counts steps from 1
+    return loss.detach(), grad_norm.detach()
+
+
+def run_training(
+    job: TrainJob,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | None = None,
+    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    report: Callable[[dict[str, float]], None] | None = None,
+    newest: Callable[[], Checkpoint | None] | None = None,
+    saved: Callable[[Checkpoint], None] | None = None,
+) -> TrainResult:
+    """Train up to `job.target_step`, resuming from the run's newest checkpoint (rank 0 saves).
+
+    `newest` gives that checkpoint (default: read `latest.json`); under Ray the driver keeps it,
+    told of each checkpoint by `saved`, so the stage reads `latest.json` once and a restarted
+    worker group resumes from the newest one. `report` gets each logging window's LogWindow."""
+    device = device or torch.device("cpu")
+    tc, store = job.train, open_store(job.config.storage)
+    newest = newest or (lambda: Checkpoint.latest(store, tc.run_id))
+    unet_cfg = unet_config_for(job.model, job.manifest)
+    alpha_bar = alpha_bar_from_betas(make_betas(job.model.schedule, job.model.num_timesteps)).to(
+        device
+    )
+    start = last = newest()
+    if start is not None:
+        check_resume_compatible(start, job.model, unet_cfg)
+    state, start_step = init_state(
+        job,
+        unet_cfg,
+        device,
+        start.read_bytes(store) if start else None,
+        wrap_model,
+        track_phema=rank == 0,
+    )
+    if start is not None and rank == 0:
+        log.info("resuming run %s from step %d (%s)", tc.run_id, start_step, store.url(start.key))
 
     data = load_batches(
         RankBatches(
@@ -219,11 +346,9 @@ def run_training(
             start_step=start_step,
             hflip=job.config.data.hflip,
         ),
-        tc.data_workers,
+        tc.loader_processes,
         device,
     )
-    null_label = unet_cfg.num_classes if unet_cfg.num_classes is not None else None
-    params = list(net.parameters())
     run_log = (
         RunLog(store, tc.run_id, start_step, job.temp_prefix)
         if rank == 0 and start_step < job.target_step
@@ -236,66 +361,49 @@ def run_training(
             waited = time.perf_counter()
             x0, labels = to_device(next(data), device)
             window.data_wait_s += time.perf_counter() - waited
-            if tc.channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            step_seed = _step_seed(tc.seed, rank, step)
-            torch.manual_seed(step_seed)  # dropout masks
-            # timesteps, noise, label dropout
-            gen = torch.Generator(device=device).manual_seed(step_seed)
-            with autocast(device, enabled=tc.bf16):
-                loss = training_loss(
-                    model,
-                    x0,
-                    labels if null_label is not None else None,
-                    alpha_bar=alpha_bar,
-                    prediction_type=job.model.prediction_type,
-                    generator=gen,
-                    min_snr_gamma=tc.min_snr_gamma,
-                    label_dropout=tc.label_dropout if null_label is not None else 0.0,
-                    null_label=null_label,
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm(
-                    [p.grad for p in params if p.grad is not None]
-                )
-            opt.step()
-            sched.step()
-            ema.update(net, step)
-            window.losses.append(loss.detach())
-            window.grad_norms.append(grad_norm.detach())
+            loss, grad_norm = train_step(
+                state,
+                x0,
+                labels,
+                step=step,
+                seed=_step_seed(tc.seed, rank, step),
+                alpha_bar=alpha_bar,
+                prediction_type=job.model.prediction_type,
+                num_classes=unet_cfg.num_classes,
+                tc=tc,
+            )
+            window.losses.append(loss)
+            window.grad_norms.append(grad_norm)
 
             done = step + 1
             log_now = done % tc.log_every == 0 or done == job.target_step
             save_now = rank == 0 and (done % tc.checkpoint_every == 0 or done == job.target_step)
-            if log_now or save_now:
+            snap_now = state.phema is not None and snapshot_due(
+                done, job.target_step, tc.phema_interval
+            )
+            if log_now or save_now or snap_now:
                 # Checked before anything is logged or saved: a diverged run never writes a
                 # checkpoint.
-                _check_finite(window.losses, done, tc.run_id, net if save_now else None)
+                write = save_now or snap_now
+                _check_finite(window.losses, done, tc.run_id, state.net if write else None)
             if log_now:
                 logged = window.close(
-                    done, float(sched.get_last_lr()[0]), tc.batch_size, world_size
+                    done, float(state.sched.get_last_lr()[0]), tc.batch_size, world_size
                 )
-                window = _Window()
-                last_loss = logged.loss
+                window, last_loss = _Window(), logged.loss
                 if rank == 0:
-                    log.info(
-                        "step %d/%d loss %.4f (%.0f img/s, data wait %.0f%%)",
-                        done,
-                        job.target_step,
-                        logged.loss,
-                        logged.images_per_s,
-                        100 * logged.data_wait,
-                    )
-                if run_log is not None:
-                    run_log.add(logged)
+                    _log_window(logged, job.target_step, run_log)
                 if report:
                     report(logged.model_dump())  # LogWindow's fields
+            if snap_now:
+                # Before the step's checkpoint: a run resumed from it never misses them.
+                assert state.phema is not None
+                write_snapshots(store, tc.run_id, state.phema, checkpoint_config(job, unet_cfg))
             if save_now:
-                save_run_checkpoint(store, job, unet_cfg, net, ema, opt, done)
+                last = save_run_checkpoint(store, job, unet_cfg, state, done)
+                if saved:
+                    saved(last)
+                prune_checkpoints(store, tc)  # after `saved`: nobody resumes from a pruned one
                 if run_log is not None:
                     run_log.publish()
     finally:
@@ -304,33 +412,40 @@ def run_training(
             run_log.close()
     if world_size > 1:
         dist.barrier()  # no rank returns before rank 0's last checkpoint is committed
-    final = Checkpoint.latest(store, tc.run_id)
-    if final is None or final.step != job.target_step:
+        if rank != 0:
+            last = newest()
+    if last is None or last.step != job.target_step:
         raise RuntimeError(
             f"training of run {tc.run_id} ended without a checkpoint at step {job.target_step} "
-            f"(latest: {final.step if final else None})"
+            f"(latest: {last.step if last else None})"
         )
     return TrainResult(
-        checkpoint=final,
-        resumed_from=resumed_from,
+        checkpoint=last,
+        resumed_from=start_step if start is not None else None,
         trained_steps=job.target_step - start_step,
         loss=last_loss,
     )
 
 
-def save_run_checkpoint(
-    store: Store,
-    job: TrainJob,
-    unet_cfg: UNetConfig,
-    net: torch.nn.Module,
-    ema: EMA,
-    opt: torch.optim.Optimizer,
-    step: int,
-) -> Checkpoint:
-    """Checkpoint bytes first, then `latest.json`: a reader following latest never sees a partial one."""
-    tc, manifest = job.train, job.manifest
-    # Inside the checkpoint: plain JSON-able values, as torch.load(weights_only=True) requires.
-    config = {
+def _log_window(window: LogWindow, target: int, run_log: RunLog | None) -> None:
+    """Rank 0's record of a logging window: a log line, the history and TensorBoard."""
+    log.info(
+        "step %d/%d loss %.4f (%.0f img/s, data wait %.0f%%)",
+        window.step,
+        target,
+        window.loss,
+        window.images_per_s,
+        100 * window.data_wait,
+    )
+    if run_log is not None:
+        run_log.add(window)
+
+
+def checkpoint_config(job: TrainJob, unet_cfg: UNetConfig) -> dict[str, Any]:
+    """What a checkpoint (and a power-EMA snapshot) says of itself: plain JSON-able values, as
+    torch.load(weights_only=True) requires."""
+    manifest = job.manifest
+    return {
         "unet": unet_cfg.to_dict(),
         "model": job.model.model_dump(mode="json"),
         "dataset": {
@@ -342,13 +457,21 @@ def save_run_checkpoint(
         },
         "pipeline": job.config.model_dump(mode="json"),
     }
+
+
+def save_run_checkpoint(
+    store: Store, job: TrainJob, unet_cfg: UNetConfig, state: TrainState, step: int
+) -> Checkpoint:
+    """Checkpoint bytes first, then `latest.json`: a reader following latest never sees a partial one."""
+    tc, manifest = job.train, job.manifest
     data = save_checkpoint(
         {
-            "model": net.state_dict(),
-            "ema": ema.state_dict(),
-            "optimizer": opt.state_dict(),
+            "model": state.net.state_dict(),
+            "ema": state.ema.state_dict(),
+            "phema": state.phema.state_dict() if state.phema is not None else None,
+            "optimizer": state.opt.state_dict(),
             "step": step,
-            "config": config,
+            "config": checkpoint_config(job, unet_cfg),
         }
     )
     key = layout.checkpoint(tc.run_id, step)
@@ -364,7 +487,11 @@ def save_run_checkpoint(
     )
     record.write(store, layout.latest_checkpoint(tc.run_id))
     log.info("checkpoint step %d -> %s", step, store.url(key))
+    return record
+
+
+def prune_checkpoints(store: Store, tc: TrainConfig) -> None:
+    """Keep the run's newest `train.keep_checkpoints` checkpoints."""
     kept = sorted(k for k in store.list(layout.checkpoints_prefix(tc.run_id)) if k.endswith(".pt"))
     for old in kept[: -tc.keep_checkpoints]:
         store.delete(old)
-    return record

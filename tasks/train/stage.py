@@ -1,8 +1,9 @@
-"""Train stage: Ray Train's TorchTrainer runs `train_loop.run_training` on every DDP rank.
+"""Train stage: Ray Train's TorchTrainer runs `tasks.train.loop.run_training` on every DDP rank.
 
 This module is the thin Ray adapter. Checkpoints go to the pipeline's own object store (not Ray's
 storage), so a run resumes from `runs/<run_id>/checkpoints/latest.json` whichever cluster, trainer
-name or storage path runs it next.
+name or storage path runs it next. The stage reads `latest.json` once, in the driver; the ranks
+learn the newest checkpoint from the driver's `RunState` actor.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 
 from tasks import layout
 from tasks.config import ConfigError, PipelineConfig
-from tasks.ray_runtime import check_resources, ensure_ray
+from tasks.ray_runtime import check_resources, ensure_ray, on_driver_node
 from tasks.records import Checkpoint, DatasetManifest, LogWindow, RecordFormatError, TrainResult
 from tasks.runtime import temp_prefix
-from tasks.storage import Store
+from tasks.storage import StorageError, StorageUnavailableError, Store
 from tasks.train.loop import (
     DivergedError,
     TrainJob,
@@ -29,31 +30,59 @@ from tasks.train.loop import (
     run_training,
     unet_config_for,
 )
+from tasks.train.phema import storage_cost
 from tasks.webdata import ShardReadError
 
 log = logging.getLogger(__name__)
 
 # Errors a restarted worker group would only meet again (damaged shards or checkpoints, a diverged
-# run, a bad setting): the first one ends the run. Ray Train restarts the group after any worker
-# error (`train.max_failures`), so the failing rank leaves the error with the driver first, and the
-# restarted workers find it there and return at once.
+# run, a bad setting, a store without the bucket or missing or refusing a node's credentials): the
+# first one ends the run. Ray Train restarts the group after any worker error
+# (`train.max_failures`), so the failing rank leaves the error with the driver first, and the
+# restarted workers find it there and return at once. A store that stayed unreachable for its whole
+# retry budget (StorageUnavailableError) is the exception: an outage ends, so that one is retried.
 NOT_RETRIED: tuple[type[BaseException], ...] = (
     RecordFormatError,
     ShardReadError,
     DivergedError,
     ConfigError,
+    StorageError,
 )
 
 
+class RunState:
+    """What the ranks of one train stage share with its driver (a Ray actor on the driver's node):
+    the run's newest checkpoint, first the driver's one read of `latest.json`, then each checkpoint
+    rank 0 saves, so a restarted worker group resumes from it without reading the store; and the
+    error that ends the run, once a rank met one that a restart would only meet again."""
+
+    def __init__(self, newest: Checkpoint | None) -> None:
+        self._newest = newest
+        self._error: BaseException | None = None
+
+    def newest(self) -> Checkpoint | None:
+        return self._newest
+
+    def saved(self, checkpoint: Checkpoint) -> None:
+        self._newest = checkpoint
+
+    def give_up(self, error: BaseException) -> None:
+        self._error = self._error or error  # the first one is the cause
+
+    def error(self) -> BaseException | None:
+        return self._error
+
+
 def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
-    job: TrainJob = config["job"]
-    progress = config["progress"]  # a ray.util.queue.Queue read by the driver
-    given_up = config["given_up"]  # holds the error that ends the run, once a rank met one
-    if not given_up.empty():
-        return
     import ray
     import ray.train
     import ray.train.torch
+
+    job: TrainJob = config["job"]
+    progress = config["progress"]  # a ray.util.queue.Queue read by the driver
+    run = config["run"]  # the driver's RunState actor
+    if ray.get(run.error.remote()) is not None:  # a rank before this restart gave up
+        return
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -79,9 +108,12 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train
             device=device,
             wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
             report=lambda metrics: _report(metrics, rank, progress),
+            newest=lambda: ray.get(run.newest.remote()),
+            saved=lambda checkpoint: ray.get(run.saved.remote(checkpoint)),
         )
     except NOT_RETRIED as err:
-        given_up.put(err)
+        if not isinstance(err, StorageUnavailableError):
+            ray.get(run.give_up.remote(err))
         raise
 
 
@@ -158,6 +190,9 @@ def train(
 
     if latest is not None:
         log.info("resuming run %s from step %d to %d", tc.run_id, latest.step, target)
+    if tc.phema_sigma_rels:
+        unet = unet_config_for(cfg.model, manifest)
+        log.info("%s", storage_cost(tc, unet, latest.step if latest else 0, target))
     store.write_json(layout.run_config(tc.run_id), cfg.model_dump(mode="json"))
     job = TrainJob(config=cfg, target_step=target, manifest=manifest, temp_prefix=temp_prefix())
 
@@ -168,43 +203,46 @@ def train(
     check_resources(
         cfg.ray,
         resources,
-        tc.num_workers,
-        f"training (train.num_workers={tc.num_workers})",
+        tc.workers,
+        f"training (train.workers={tc.workers})",
         one_per_node=tc.placement_strategy == "STRICT_SPREAD",
     )
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    progress = Queue(actor_options={"num_cpus": 0})
-    given_up = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: losing a worker node must not take these actors with it.
+    progress = Queue(actor_options={"num_cpus": 0, **on_driver_node()})
+    run: Any = ray.remote(RunState).options(num_cpus=0, **on_driver_node()).remote(latest)
     # Ray's own storage only holds its run metadata; our checkpoints live in the object store.
     ray_storage = tempfile.mkdtemp(prefix=temp_prefix() + "ray-")
     try:
         trainer = TorchTrainer(
             _train_loop_per_worker,
-            train_loop_config={"job": job, "progress": progress, "given_up": given_up},
+            train_loop_config={"job": job, "progress": progress, "run": run},
             scaling_config=ScalingConfig(
-                num_workers=tc.num_workers,
+                num_workers=tc.workers,
                 use_gpu=tc.use_gpu,
                 resources_per_worker=resources,
                 placement_strategy=tc.placement_strategy,
             ),
-            # A restarted worker group resumes from our latest checkpoint (run_training reads it).
+            # A restarted worker group resumes from the newest checkpoint `run` knows of.
             run_config=RunConfig(
                 name=f"{tc.run_id}-{target}",
                 storage_path=ray_storage,
                 failure_config=FailureConfig(max_failures=tc.max_failures),
             ),
         )
-        result = _run_with_progress(trainer.fit, progress, target, tc.batch_size * tc.num_workers)
-        if not given_up.empty():  # the restarted workers returned at once: the run failed
-            raise given_up.get_nowait()
+        result = _run_with_progress(trainer.fit, progress, target, tc.batch_size * tc.workers)
+        error = ray.get(run.error.remote())
+        if error is not None:  # the restarted workers returned at once: the run failed
+            raise error
+        final = ray.get(run.newest.remote())  # the last checkpoint rank 0 saved
     finally:
         shutil.rmtree(ray_storage, ignore_errors=True)
         progress.shutdown()
-        given_up.shutdown()
-    final = Checkpoint.latest(store, tc.run_id)
+        ray.kill(run)
     if final is None or final.step != target:
         raise RuntimeError(
             f"training of run {tc.run_id} ended without a checkpoint at step {target} "

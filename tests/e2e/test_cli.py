@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.e2e.test_nightly_s3 import TINY
+from tests.support.config import NIGHTLY, tiny_overrides
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +30,8 @@ def test_cli_nightly_prints_report_and_fid(tmp_path):
         str(Path(sys.executable).parent / "diffpipe"),
         "nightly",
         f"storage.root={store}",
-        *TINY,
-        "train.num_workers=1",
+        *tiny_overrides(NIGHTLY),
+        "train.workers=1",
         "ray.num_cpus=2",
     ]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -77,3 +77,18 @@ def test_cli_nightly_prints_report_and_fid(tmp_path):
         [*promote, "--rollback"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert rollback.returncode == 2 and "no previous champion" in rollback.stderr, rollback
+
+    # A damaged champion pointer: the nightly stops before any work, naming the file and the
+    # repair; `--repair` restores it from the champion record, byte for byte.
+    current = store / "models" / "default" / "current.json"
+    intact = current.read_bytes()
+    current.write_bytes(intact[: len(intact) // 2])
+    damaged = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert damaged.returncode == 2, damaged
+    assert "current.json is damaged" in damaged.stderr and "promote --repair" in damaged.stderr
+    assert len(damaged.stderr.strip().splitlines()) == 1, damaged.stderr  # one message, once
+    repaired = subprocess.run(
+        [*promote, "--repair"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert repaired.returncode == 0 and "restored to step 20" in repaired.stdout, repaired
+    assert json.loads(current.read_bytes()) == json.loads(intact)

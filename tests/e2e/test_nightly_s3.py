@@ -12,31 +12,9 @@ import pytest
 
 from tasks import layout
 from tasks.records import NightlySummary
+from tests.support.config import NIGHTLY, tiny_overrides
 
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "data.max_images=400",
-    "data.samples_per_shard=64",
-    "model.base_channels=16",
-    "model.channel_mult=[1,2]",
-    "model.attention_resolutions=[4]",
-    "train.steps=20",
-    "train.steps_per_night=10",
-    "train.checkpoint_every=10",
-    "train.log_every=10",
-    "train.batch_size=16",
-    "train.num_workers=2",
-    "train.warmup_steps=5",
-    "sample.num_images=40",
-    "evaluate.repeats=1",
-    "sample.steps=10",
-    "sample.images_per_task=20",
-    "sample.batch_size=20",
-    "evaluate.metrics=[fid,kid]",
-    "evaluate.kid_subset_size=20",
-    "evaluate.grid_images=16",
-]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +49,7 @@ def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harnes
     overrides = [
         f"storage.root=s3://{s3_bucket}/pipeline",
         f"storage.endpoint_url={s3_endpoint}",
-        *TINY,
+        *tiny_overrides(NIGHTLY),
     ]
     first = nightly(overrides=overrides)
 

@@ -13,7 +13,7 @@ import pytest
 from tasks.config import StorageConfig
 from tasks.report.stage import SECTIONS, write_nightly_report
 from tasks.storage import Store
-from tests.integration.test_report import write_two_nights
+from tests.support.records import write_two_nights
 
 CHROMIUM = next(
     (p for name in ("chromium", "chromium-browser", "google-chrome") if (p := shutil.which(name))),

@@ -6,75 +6,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tasks import layout
-from tasks.config import PromoteConfig, StorageConfig
-from tasks.evaluate.scoring import make_grid
-from tasks.promote.stage import promote_if_better
-from tasks.records import LogWindow, NightlySummary, StageTiming, TrainHistory
+from tasks.config import StorageConfig
+from tasks.records import NightlySummary
 from tasks.report.stage import SECTIONS, write_nightly_report
 from tasks.storage import Store
-from tasks.webdata import encode_png
-from tests.integration.test_promote import NIGHTS, _checkpoint, _metrics
+from tests.support.records import write_two_nights
 
-RUN = "r"
-
-
-def write_two_nights(store: Store, *, history: bool = True) -> NightlySummary:
-    """Two nights of records as the stages leave them; returns the second night's summary."""
-    rng = np.random.default_rng(0)
-    if history:
-        windows = [
-            LogWindow(
-                step=s, loss=1.0 / s, lr=1e-3, images_per_s=300.0, data_wait=0.01, seconds=2.0
-            )
-            for s in range(10, 610, 10)
-        ]
-        TrainHistory(run_id=RUN, windows=windows).write(store, layout.train_history(RUN))
-    cfg = PromoteConfig()
-    promote_if_better(
-        store, cfg, _metrics([0.0903, 0.0921, 0.0885]), _checkpoint(store, 300), NIGHTS[0]
-    )
-    metrics = _metrics([0.0900, 0.0880, 0.0920])
-    store.write_bytes(
-        metrics.grid_key, encode_png(make_grid(rng.integers(0, 255, (16, 1, 8, 8), np.uint8)))
-    )
-    ckpt = _checkpoint(store, 600)
-    decision = promote_if_better(store, cfg, metrics, ckpt, NIGHTS[1])
-    prefix = layout.nightly_prefix(RUN, NIGHTS[1])
-    html_key = layout.nightly_report_html(prefix)
-    stages = [
-        StageTiming(
-            name="shard",
-            seconds=0.8,
-            reused=True,
-            detail="digits: 1617 train / 180 held-out images",
-        ),
-        StageTiming(name="train", seconds=95.2, reused=False, detail="step 300 -> 600 (300 steps)"),
-        StageTiming(name="sample", seconds=31.0, reused=False, detail="768 images, ddim 50 steps"),
-        StageTiming(name="evaluate", seconds=40.5, detail="FID ..."),
-        StageTiming(name="promote", seconds=0.1, detail="the champion stays"),
-    ]
-    return NightlySummary(
-        run_id=RUN,
-        stamp=NIGHTS[1],
-        dataset="digits",
-        manifest_key="datasets/digits-0123456789ab/manifest.json",
-        shards_reused=True,
-        step=600,
-        resumed_from=300,
-        trained_steps=300,
-        checkpoint_key=ckpt.key,
-        samples_key=metrics.samples_key,
-        metrics=metrics,
-        promotion=decision,
-        stages=stages,
-        report_key=layout.nightly_report(prefix),
-        report_html_key=html_key,
-        report_url=store.url(html_key),
-    )
+RUN = "r"  # the run tests.support.records.write_two_nights writes
 
 
 @pytest.fixture

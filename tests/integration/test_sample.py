@@ -4,49 +4,37 @@ resumes; outputs carry their seeds."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from tasks import layout
-from tasks.config import PipelineConfig, SampleConfig, StorageConfig
+from tasks.config import SampleConfig, StorageConfig
 from tasks.records import Checkpoint, SampleSet
-from tasks.sample.stage import (
-    SeedRangeSampler,
-    find_sample_set,
-    sample_images,
-    sample_seed_range,
-    sample_set_name,
-)
-from tasks.shard.stage import shard_dataset
+from tasks.sample.generate import SeedRangeSampler
+from tasks.sample.stage import find_sample_set, sample_images, sample_set_name
 from tasks.storage import Store
-from tasks.train.loop import TrainJob, run_training
 from tasks.webdata import iter_raw_samples
+from tests.support import procs
+from tests.support.config import CLASS_CONDITIONAL, tiny_config
+from tests.support.sampling import sample_seed_range
+from tests.support.training import shard_and_train
 
-CFG = {
-    "data": {"max_images": 80, "samples_per_shard": 40},
-    "model": {
-        "base_channels": 8,
-        "channel_mult": [1, 2],
-        "attention_resolutions": [4],
-        "class_conditional": True,
-    },
-    "train": {"batch_size": 8, "checkpoint_every": 2, "log_every": 2, "steps": 2},
-    "sample": {"num_images": 12, "steps": 4, "images_per_task": 5, "batch_size": 4},
-}
+# 12 images in seed ranges of 5, batches of 4: a last range shorter than the others, and ranges
+# that do not split into whole batches.
+SAMPLING = {"sample": {"num_images": 12, "steps": 4, "images_per_task": 5, "batch_size": 4}}
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     store = Store(StorageConfig(root=str(tmp_path_factory.mktemp("store"))))
-    cfg = PipelineConfig.model_validate({**CFG, "storage": {"root": store.config.root}})
-    manifest = shard_dataset(cfg.data, store).manifest
-    out = run_training(TrainJob(config=cfg, target_step=2, manifest=manifest))
-    return store, cfg, out.checkpoint
+    cfg = tiny_config(store.config.root, CLASS_CONDITIONAL, SAMPLING)
+    _, ckpt = shard_and_train(store, cfg)
+    return store, cfg, ckpt
 
 
 def _weights(store: Store, ckpt: Checkpoint) -> str:
@@ -125,41 +113,56 @@ def test_ray_fan_out_matches_a_single_task(checkpoint, ray_cluster):
         store.write_bytes(ckpt.key, data)
 
 
+def _flip_a_byte(store: Store, key: str, at: int) -> None:
+    data = bytearray(store.read_bytes(key))
+    data[at] ^= 0x01
+    store.write_bytes(key, bytes(data))
+
+
+def test_a_damaged_shard_is_sampled_again_with_its_bytes(checkpoint, ray_cluster, caplog):
+    """A shard changed after its receipt was written is not reused: the rerun names it and writes
+    its seed range again, byte for byte, whether the set was complete or not."""
+    store, cfg, ckpt = checkpoint
+    sc = SampleConfig(num_images=6, steps=2, images_per_task=3, batch_size=3)
+    first = sample_images(store, sc, cfg.ray, ckpt)
+    original = {s.key: store.read_bytes(s.key) for s in first.shards}
+    intact, damaged = (s.key for s in first.shards)
+    stamp = store.fs.info(store.path(intact))["mtime"]
+
+    _flip_a_byte(store, damaged, len(original[damaged]) // 2)
+    with caplog.at_level(logging.INFO, logger="tasks.sample.stage"):
+        again = sample_images(store, sc, cfg.ray, ckpt)
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "tasks.sample.stage" and r.levelno == logging.WARNING
+    ]
+    assert len(warned) == 1 and store.url(damaged) in warned[0] and "damaged" in warned[0]
+    assert "reusing it" not in caplog.text
+    assert again.shards == first.shards and SampleSet.read(store, first.key) == again
+    assert store.read_bytes(damaged) == original[damaged]
+    assert store.fs.info(store.path(intact))["mtime"] == stamp  # the intact shard is kept
+
+    # An incomplete set (no manifest yet) checks the shards its receipts describe just the same.
+    store.delete(first.key)
+    _flip_a_byte(store, intact, 700)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tasks.sample.stage"):
+        assert sample_images(store, sc, cfg.ray, ckpt).shards == first.shards
+    assert store.url(intact) in caplog.text and store.url(damaged) not in caplog.text
+    assert {k: store.read_bytes(k) for k in original} == original
+
+
 # -- the job: a pool of actors, repeats, a killed actor, a resumed job ---------------------------
-def _descendants(pid: int) -> set[int]:
-    """Every process below `pid` (read from /proc: no psutil here)."""
-    parent_of = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parent_of.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
 def _sampler_actor_pids() -> list[int]:
     """Our session's sampling actors: Ray names an actor's process `ray::SeedRangeSampler`."""
-    pids = []
-    for pid in _descendants(os.getpid()):
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if title.startswith(b"ray::SeedRangeSampler"):
-            pids.append(pid)
-    return sorted(pids)
+    return procs.titled(b"ray::SeedRangeSampler")
 
 
 def test_a_killed_actor_is_replaced_and_every_seed_is_sampled_once(checkpoint, ray_cluster):
     store, cfg, ckpt = checkpoint
     sc = SampleConfig(
-        num_images=12, steps=30, images_per_task=1, batch_size=1, num_workers=2, max_restarts=2
+        num_images=12, steps=30, images_per_task=1, batch_size=1, workers=2, max_restarts=2
     )
     prefix = layout.sample_set_prefix(ckpt.run_id, sample_set_name(ckpt, sc, repeats=2))
     assert sample_set_name(ckpt, sc, repeats=2) != sample_set_name(ckpt, sc)

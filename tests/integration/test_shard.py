@@ -7,10 +7,12 @@ import pytest
 
 from tasks.config import DataConfig, StorageConfig
 from tasks.records import DatasetManifest
-from tasks.shard.stage import shard_dataset, split_of, verify_manifest
+from tasks.shard.chunks import split_of
+from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
 from tasks.webdata import iter_raw_samples, read_images
-from tests.integration.imagefolders import make_folder
+from tests.support.imagefolders import make_folder
+from tests.support.shards import verify_manifest
 
 
 def test_digits_to_s3_checksums_splits_and_reuse(s3_storage):
@@ -137,7 +139,7 @@ def test_progress_lines_carry_the_count_of_the_listing(tmp_path, monkeypatch, ca
     monkeypatch.setattr(
         tasks.shard.stage, "PROGRESS_EVERY_S", 0.0
     )  # a line per chunk, count at once
-    with caplog.at_level(logging.INFO, logger="tasks.shard.stage"):
+    with caplog.at_level(logging.INFO, logger="tasks.jobs"):
         shard_dataset(cfg, Store(StorageConfig(root=str(tmp_path / "store"))))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shard: ")]
     assert len(lines) >= 5, lines

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from tasks.config import DataConfig, StorageConfig
-from tasks.shard.stage import shard_dataset, verify_manifest
+from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
 from tasks.webdata import iter_raw_samples
-from tests.integration.imagefolders import make_folder, write_png
+from tests.support.imagefolders import make_folder, write_png
+from tests.support.shards import verify_manifest
 
 
 def _splits(store, manifest):

@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import boto3
 import pytest
@@ -15,9 +14,11 @@ import pytest
 from tasks.config import DataConfig, StorageConfig
 from tasks.records import DatasetManifest
 from tasks.shard.sources import BadImageError
-from tasks.shard.stage import shard_dataset, verify_manifest
+from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
-from tests.integration.imagefolders import make_folder
+from tests.support import procs
+from tests.support.imagefolders import make_folder
+from tests.support.shards import verify_manifest
 
 pytestmark = pytest.mark.slow  # a Ray cluster, an S3 server process, a SIGKILLed task
 
@@ -63,36 +64,10 @@ def _shards_of(manifest: DatasetManifest) -> dict[str, list[tuple[str, str]]]:
     return {s: [(x.key, x.sha256) for x in i.shards] for s, i in manifest.splits.items()}
 
 
-def _parent(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _descends_from_us(pid: int) -> bool:
-    """Whether `pid` is a process of this test's own Ray cluster (a grandchild of this process,
-    via the raylet), not of another Ray cluster on the machine."""
-    while pid > 1:
-        if pid == os.getpid():
-            return True
-        pid = _parent(pid)
-    return False
-
-
 def _shard_task_pids() -> list[int]:
     """This cluster's worker processes running a shard task right now (Ray titles them
-    ray::<task>)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if (
-                entry.name.isdigit()
-                and (entry / "cmdline").read_bytes().startswith(b"ray::write_chunk")
-                and _descends_from_us(int(entry.name))
-            ):
-                pids.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return pids
+    ray::<task>); those of another Ray cluster on the machine are not ours to kill."""
+    return procs.titled(b"ray::write_chunk")
 
 
 def test_a_shard_task_killed_mid_shard(ray_cluster, tmp_path):

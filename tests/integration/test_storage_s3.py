@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 
 import boto3
@@ -13,7 +14,8 @@ import pytest
 import s3fs
 
 from tasks.config import StorageConfig
-from tasks.storage import StorageCredentialsError, StorageError, Store
+from tasks.errors import describe_failure
+from tasks.storage import StorageCredentialsError, StorageError, StorageUnavailableError, Store
 
 
 class Interrupted(Exception):
@@ -108,6 +110,7 @@ def test_missing_credentials_are_named_not_a_missing_bucket(
     assert s3_endpoint in message and "aws s3 mb" not in message  # not "create the bucket"
     for how in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "instance"):
         assert how in message
+    assert describe_failure(err.value) == message  # the CLI's line: ours, not botocore's
 
 
 def test_refused_credentials_are_named_not_a_missing_bucket(s3_endpoint_checking_keys):
@@ -121,3 +124,16 @@ def test_refused_credentials_are_named_not_a_missing_bucket(s3_endpoint_checking
         "storage root 's3://exists/p' (InvalidAccessKeyId:"
     )
     assert "AWS_ACCESS_KEY_ID" in message and "aws s3 mb" not in message  # not "create the bucket"
+    assert describe_failure(err.value) == message  # the CLI's line: ours, not botocore's
+
+
+def test_an_unreachable_endpoint_is_described_by_our_message():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with pytest.raises(StorageUnavailableError) as err:
+        Store(StorageConfig(root="s3://b/p", endpoint_url=endpoint, retry_budget_s=1))
+    message = describe_failure(err.value)
+    assert message == str(err.value) and message.startswith(
+        f"object store unreachable at endpoint {endpoint}"
+    )

@@ -18,19 +18,20 @@ from tasks.records import Checkpoint, TrainHistory
 from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
 from tasks.train.stage import train
-from tests.training_state import assert_same_training_state, final_state
+from tests.support import procs
+from tests.support.config import tiny_config
+from tests.support.training import assert_same_training_state, final_state
 
 pytestmark = pytest.mark.slow
 
-CFG = {
+# 200 steps on 2 workers, a checkpoint every 20: a kill lands between two checkpoints.
+TRAINING = {
     "data": {"max_images": 160, "samples_per_shard": 40},
-    "model": {"base_channels": 8, "channel_mult": [1, 2], "attention_resolutions": [4]},
     "train": {
-        "batch_size": 8,
         "steps": 200,
         "checkpoint_every": 20,
         "log_every": 20,
-        "num_workers": 2,
+        "workers": 2,
         "warmup_steps": 5,
         "ema_warmup_steps": 5,
     },
@@ -38,18 +39,9 @@ CFG = {
 
 
 def _train_workers() -> list[int]:
-    """The Ray Train worker processes (not their data-loading children, which share the name)."""
-    named = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if b"RayTrainWorker" in cmd:
-                named[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-    return sorted(pid for pid, parent in named.items() if parent not in named)
+    """Our cluster's Ray Train worker processes (not their data-loading children, which share
+    the name)."""
+    return procs.outermost([pid for pid, cmd in procs.below().items() if b"RayTrainWorker" in cmd])
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker process through /proc")
@@ -57,9 +49,7 @@ def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(tmp_path, ray_c
     store = Store(StorageConfig(root=str(tmp_path)))
 
     def config(run_id: str) -> PipelineConfig:
-        return PipelineConfig.model_validate(
-            {**CFG, "storage": {"root": str(tmp_path)}, "train": {**CFG["train"], "run_id": run_id}}
-        )
+        return tiny_config(tmp_path, TRAINING, {"train": {"run_id": run_id}})
 
     manifest = shard_dataset(config("x").data, store).manifest
     straight = train(config("straight"), store, manifest)

@@ -19,26 +19,27 @@ from tasks.config import load_config
 from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
 from tasks.train.stage import train
-from tests.conftest import REPO
-from tests.training_state import assert_same_training_state, final_state
+from tests.support.config import tiny_overrides
+from tests.support.paths import REPO
+from tests.support.training import assert_same_training_state, final_state
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = [
-    "data.max_images=96",
-    "data.samples_per_shard=24",
-    "model.base_channels=8",
-    "model.channel_mult=[1,2]",
-    "model.attention_resolutions=[4]",
-    "train.batch_size=8",
-    "train.steps=8",
-    "train.checkpoint_every=4",
-    "train.log_every=4",
-    "train.warmup_steps=2",
-    "train.ema_warmup_steps=2",
-    "train.num_workers=2",
-    "train.placement_strategy=STRICT_SPREAD",
-]
+# 8 steps on 2 workers, one per node, streaming 96 digits in shards of 24.
+OVERRIDES = tiny_overrides(
+    {
+        "data": {"max_images": 96, "samples_per_shard": 24},
+        "train": {
+            "steps": 8,
+            "checkpoint_every": 4,
+            "log_every": 4,
+            "warmup_steps": 2,
+            "ema_warmup_steps": 2,
+            "workers": 2,
+            "placement_strategy": "STRICT_SPREAD",
+        },
+    }
+)
 
 # The driver as production runs it: its own process, the cluster named by RAY_ADDRESS alone.
 DRIVER = textwrap.dedent(

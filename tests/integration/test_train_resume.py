@@ -3,6 +3,7 @@ code path the Ray workers run, world size 1), and every rank gets shards."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from diffusion_core.checkpoint import load_checkpoint
 from tasks import layout
-from tasks.config import ModelConfig, PipelineConfig, StorageConfig
+from tasks.config import ConfigError, StorageConfig
 from tasks.records import Checkpoint, DatasetManifest, ShardInfo, TrainHistory
 from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
@@ -24,36 +25,20 @@ from tasks.train.data import (
 from tasks.train.log import SCALARS
 from tasks.train.loop import DivergedError, TrainJob, run_training
 from tasks.train.stage import train
-from tests.training_state import assert_same_training_state
+from tests.support.config import LONGER_TRAINING, tiny_config
+from tests.support.training import assert_same_training_state, final_state
 
-SMALL = {
-    "data": {"max_images": 120, "samples_per_shard": 32},
-    "model": {
-        "base_channels": 8,
-        "channel_mult": [1, 2],
-        "attention_resolutions": [4],
-        "dropout": 0.1,
-    },
-    "train": {
-        "batch_size": 8,
-        "checkpoint_every": 3,
-        "log_every": 3,
-        "warmup_steps": 2,
-        "shuffle_buffer": 16,
-        "ema_warmup_steps": 2,
-    },
-}
+# Dropout on: a resumed run must also restore the random state that draws its masks.
+DROPOUT = {"model": {"dropout": 0.1}}
+# Post-hoc EMA on: its power EMAs resume exactly too, and their snapshots match.
+PHEMA = {"phema_sigma_rels": [0.05, 0.1], "phema_every": 2}
 
 
 def _job(
     store: Store, manifest: DatasetManifest, target: int, run_id: str, **train: object
 ) -> TrainJob:
-    cfg = PipelineConfig.model_validate(
-        {
-            **SMALL,
-            "storage": {"root": store.config.root},
-            "train": {**SMALL["train"], "run_id": run_id, **train},
-        }
+    cfg = tiny_config(
+        store.config.root, LONGER_TRAINING, DROPOUT, {"train": {"run_id": run_id, **train}}
     )
     return TrainJob(config=cfg, target_step=target, manifest=manifest)
 
@@ -61,7 +46,7 @@ def _job(
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     store = Store(StorageConfig(root=str(tmp_path_factory.mktemp("store"))))
-    return store, shard_dataset(PipelineConfig.model_validate(SMALL).data, store).manifest
+    return store, shard_dataset(tiny_config(None, LONGER_TRAINING).data, store).manifest
 
 
 def _latest(store: Store, run_id: str) -> Checkpoint:
@@ -70,22 +55,33 @@ def _latest(store: Store, run_id: str) -> Checkpoint:
     return latest
 
 
-def _state(store: Store, run_id: str) -> dict:
-    return load_checkpoint(_latest(store, run_id).read_bytes(store))
-
-
 def test_resume_is_exact(sharded):
     store, manifest = sharded
-    run_training(_job(store, manifest, 6, "straight"))
-    run_training(_job(store, manifest, 3, "resumed"))
-    summary = run_training(_job(store, manifest, 6, "resumed"))
+    run_training(_job(store, manifest, 6, "straight", **PHEMA))
+    run_training(_job(store, manifest, 3, "resumed", **PHEMA))
+    summary = run_training(_job(store, manifest, 6, "resumed", **PHEMA))
     assert summary.resumed_from == 3 and summary.checkpoint.step == 6
     assert summary.trained_steps == 3 and summary.checkpoint == _latest(store, "resumed")
     assert summary.loss is not None and math.isfinite(summary.loss) and summary.loss > 0
 
-    a, b = _state(store, "straight"), _state(store, "resumed")
+    a, b = final_state(store, "straight"), final_state(store, "resumed")
     assert a["step"] == b["step"] == 6
     assert_same_training_state(a, b)
+    assert a["phema"]["step"] == 6
+    # The snapshots of both runs (every 2 steps, and at each attempt's last step) agree.
+    snapshots = {
+        run: {
+            layout.phema_snapshot_of(run, k): k
+            for k in store.list(layout.phema_snapshots_prefix(run))
+        }
+        for run in ("straight", "resumed")
+    }
+    steps = {2, 4, 6}
+    assert set(snapshots["straight"]) == {(s, t) for s in (0.05, 0.1) for t in steps}
+    assert set(snapshots["resumed"]) == {(s, t) for s in (0.05, 0.1) for t in steps | {3}}
+    for which, key in snapshots["straight"].items():
+        same = load_checkpoint(store.read_bytes(snapshots["resumed"][which]))
+        _same_weights(load_checkpoint(store.read_bytes(key))["model"], same["model"])
     assert (
         a["config"]["unet"]["image_size"] == 8
         and a["config"]["dataset"]["fingerprint"] == manifest.fingerprint
@@ -108,6 +104,22 @@ def test_resume_is_exact(sharded):
     }
 
 
+def test_post_hoc_ema_turned_on_mid_run_starts_there_and_keeps_its_widths(sharded, caplog):
+    """A run resumed with train.phema_sigma_rels set starts its power EMAs at the resumed step
+    (said in a warning); resuming with other widths is refused, naming both."""
+    store, manifest = sharded
+    run_training(_job(store, manifest, 3, "late"))
+    with caplog.at_level(logging.WARNING, logger="tasks.train.loop"):
+        run_training(_job(store, manifest, 6, "late", **PHEMA))
+    assert "resumes at step 3 from a checkpoint without power EMAs" in caplog.text
+    assert final_state(store, "late")["phema"]["step"] == 6
+    assert store.exists(layout.phema_snapshot("late", 0.1, 4))
+    assert not store.exists(layout.phema_snapshot("late", 0.1, 2))
+    other = {**PHEMA, "phema_sigma_rels": [0.05, 0.07]}
+    with pytest.raises(ConfigError, match=r"sigma_rel \[0.05, 0.1\]; .*=\[0.05, 0.07\] now"):
+        run_training(_job(store, manifest, 9, "late", **other))
+
+
 def test_a_rewound_run_replaces_the_lost_windows(sharded):
     """Pointing latest.json back at an earlier checkpoint (README: a damaged checkpoint) makes the
     windows after it a lost attempt: the history and TensorBoard show only the new ones."""
@@ -126,6 +138,10 @@ def test_a_rewound_run_replaces_the_lost_windows(sharded):
     assert _tensorboard(store, "rewound")["train/lr"] == [
         (w.step, pytest.approx(w.lr, rel=1e-6)) for w in history
     ]
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _history(store: Store, run_id: str) -> list:
@@ -189,7 +205,7 @@ def test_batches_are_the_same_whatever_the_data_workers_and_start(sharded):
 def test_training_changes_weights_and_nothing_to_do_when_done(sharded):
     store, manifest = sharded
     run_training(_job(store, manifest, 3, "fresh"))
-    before = _state(store, "fresh")
+    before = final_state(store, "fresh")
     torch.manual_seed(0)
     from diffusion_core.unet import UNet, UNetConfig
 
@@ -246,9 +262,8 @@ def test_an_incompatible_resume_fails_before_anything_is_written(sharded):
     run_training(_job(store, manifest, 3, "shape"))
     store.write_text(layout.run_config("shape"), "the run's own config")
     before = _latest(store, "shape")
-    wider = _job(store, manifest, 3, "shape").config.model_copy(
-        update={"model": ModelConfig(**{**SMALL["model"], "base_channels": 16})}
-    )
+    shape = _job(store, manifest, 3, "shape").config
+    wider = shape.model_copy(update={"model": shape.model.model_copy(update={"base_channels": 16})})
     for target in (3, 6):  # also when the target step is already reached
         cfg = wider.model_copy(update={"train": wider.train.model_copy(update={"steps": target})})
         with pytest.raises(ValueError, match=r"base_channels: 8 in the run, 16 now") as err:

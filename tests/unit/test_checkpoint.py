@@ -13,6 +13,7 @@ import torch
 from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
 from diffusion_core.ema import EMA
 from diffusion_core.unet import UNet, UNetConfig
+from tasks.errors import describe_failure
 
 CFG = UNetConfig(base_channels=16, groups=4, num_classes=2)
 
@@ -83,8 +84,14 @@ def test_malicious_pickle_is_rejected_without_running(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     _Exploit.marker = str(marker)
     for data in (pickle.dumps(_Exploit()), _torch_saved({"model": _Exploit(), "step": 1})):
-        with pytest.raises(ValueError, match="not a safe checkpoint"):
+        with pytest.raises(ValueError, match="not a safe checkpoint") as err:
             load_checkpoint(data)
+        # What the user reads (the CLI's one line) is ours, and names what was refused; never
+        # PyTorch's advice to load the file unsafely.
+        shown = describe_failure(err.value)
+        assert shown.startswith("not a safe checkpoint") and "\n" not in shown
+        assert "weights_only" not in shown and "trusted source" not in shown
+    assert "GLOBAL" in shown and "system" in shown
     assert not marker.exists()
 
 

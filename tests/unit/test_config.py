@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tasks.config import ConfigError, PipelineConfig, load_config, resolve_config
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def test_defaults_round_trip_through_json_and_yaml(tmp_path):
@@ -47,6 +47,10 @@ def test_defaults_round_trip_through_json_and_yaml(tmp_path):
         ("model.channel_mult=12", "model.channel_mult"),
         ("model.channel_mult=[1,'2']", "model.channel_mult"),
         ("sample.eta=zero", "sample.eta"),
+        ("train.lr=.inf", "train.lr"),
+        ("sample.eta=.nan", "sample.eta"),
+        ("train.workers=0", "train.workers"),
+        ("train.num_workers=0", "train.workers"),
     ],
 )
 def test_bad_values_name_the_field(override, field):
@@ -126,8 +130,11 @@ def test_cli_dry_run_prints_resolved_config_and_errors_exit_2(tmp_path):
 
 
 def test_numbers_in_exponent_form_are_numbers(tmp_path):
-    cfg = load_config(None, ["train.lr=1e-4", "train.weight_decay=5E-2", "evaluate.cpus=2"])
-    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.05 and cfg.evaluate.cpus == 2.0
+    cfg = load_config(
+        None, ["train.lr=1e-4", "train.weight_decay=5E-2", "evaluate.cpus_per_worker=2"]
+    )
+    assert cfg.train.lr == 1e-4 and cfg.train.weight_decay == 0.05
+    assert cfg.evaluate.cpus_per_worker == 2.0
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 3e-4\n  run_id: 1e5x\n")
     cfg = load_config(path)

@@ -105,6 +105,17 @@ def _layout_keys() -> tuple[list[str], set[str]]:
         *(L["nightly_figure"](nightly, figure) for figure in ("grid", "loss", "fid")),
         L["nightly_summary"](nightly),
         L["nightly_latest"](run),
+        *(
+            L[f"sampler_choice_{name}"](L["sampler_choice_prefix"](run, "20261125T020000Z"))
+            for name in ("report", "report_html", "figure", "record")
+        ),
+        *(L["phema_snapshot"](run, sigma_rel, step) for sigma_rel in (0.05, 0.1)),
+        L["phema_rebuilt"](run, 0.07, step),
+        L["phema_rebuilt_record"](run, 0.07, step),
+        *(
+            L[f"ema_choice_{name}"](L["ema_choice_prefix"](run, "20261125T020000Z"))
+            for name in ("report", "report_html", "record")
+        ),
         L["reference_stats"](fp, sha, 180),
         L["extractor"]("inception-v3-standin-seed0.pth"),
         L["model_current"]("default"),
@@ -116,7 +127,20 @@ def _layout_keys() -> tuple[list[str], set[str]]:
     ]
     L["checkpoints_prefix"](run), L["reference_stats_prefix"](fp), L["extractors_prefix"]()
     L["model_prefix"]("default"), L["run_prefix"](run), L["part"]("x", "x")
-    L["tensorboard_prefix"](run)
+    L["tensorboard_prefix"](run), L["phema_snapshots_prefix"](run)
+    # A snapshot's key gives back its width and step, exactly; no other key does.
+    for sigma_rel in (0.05, 0.1, 1 / 30, 1e-5):
+        assert L["phema_snapshot_of"](run, layout.phema_snapshot(run, sigma_rel, step)) == (
+            sigma_rel,
+            step,
+        )
+    assert not any(L["phema_snapshot_of"](run, k) for k in keys if "/snapshots/" not in k)
+    # The champion records are told from the other files of a model's folder.
+    champion = L["model_champion"]("default", step)
+    assert L["is_model_champion"]("default", champion)
+    assert not any(L["is_model_champion"]("default", k) for k in keys if k != champion), (
+        "is_model_champion matched another key"
+    )
     return keys, called
 
 

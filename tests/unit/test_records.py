@@ -11,14 +11,12 @@ from tasks import layout
 from tasks.config import ModelConfig, StorageConfig
 from tasks.records import Checkpoint, RecordFormatError
 from tasks.storage import Store
+from tests.support.records import checkpoint_record
 
 
 def _checkpoint() -> Checkpoint:
-    return Checkpoint(
-        run_id="r",
-        step=3,
-        key=layout.checkpoint("r", 3),
-        sha256="0" * 64,
+    return checkpoint_record(
+        3,
         unet=UNetConfig(image_size=8, channel_mult=(1, 2), attention_resolutions=(4,)),
         model=ModelConfig(schedule="cosine"),
         dataset_fingerprint="abc",

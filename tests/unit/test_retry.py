@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import errno
 import pickle
-import time
 
 import aiohttp
 import botocore.exceptions
 import pytest
 
+import tasks.retry
 from tasks.retry import RetryBudgetSpent, is_transient, retry_transient
 
 
@@ -48,31 +48,54 @@ def test_deterministic_errors_fail_at_once(err: Exception) -> None:
     assert len(calls) == 1
 
 
-def test_the_budget_is_time_and_ends_with_the_last_error() -> None:
+class FakeClock:
+    """The clock `retry_transient` reads and sleeps on, where time passes only when it sleeps: its
+    schedule is then exact, whatever else the machine is doing."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(tasks.retry, "time", fake)
+    return fake
+
+
+def test_the_budget_is_time_and_ends_with_the_last_error(clock: FakeClock) -> None:
     calls: list[float] = []
 
     def down() -> None:
-        calls.append(time.monotonic())
+        calls.append(clock.now)
         raise TimeoutError(f"read timed out ({len(calls)})")
 
-    start = time.monotonic()
     with pytest.raises(TimeoutError, match=r"read timed out \(\d+\)") as err:
         retry_transient(down, budget_s=0.5, first_delay=0.01, max_delay=0.04)
-    took = time.monotonic() - start
     assert str(err.value) == f"read timed out ({len(calls)})"  # the last error, not the first
-    assert 0.5 <= took < 1.5
-    assert calls[-1] - start >= 0.5  # the last try starts at the deadline, not before
-    # Capped at 0.04 s the pauses stay short (>= 10 tries); doubling without a cap would give ~6.
-    assert len(calls) >= 10
-    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
-    assert gaps[0] >= 0.005 and min(gaps[2:-1]) >= 0.02  # each pause is at least half its step
+    assert calls[0] == 0.0 and calls[-1] == pytest.approx(0.5)  # the last try at the deadline
+    assert clock.now == calls[-1]  # and no pause after it
+    # Each pause is drawn from [d/2, d], d doubling from 0.01 up to its cap of 0.04; the last one
+    # is cut to the deadline. Uncapped, doubling would give ~6 tries; capped, there are >= 10.
+    steps = [min(0.01 * 2**i, 0.04) for i in range(len(clock.sleeps))]
+    assert all(d / 2 <= p <= d for p, d in zip(clock.sleeps[:-1], steps, strict=False))
+    assert 0 < clock.sleeps[-1] <= steps[-1]
+    assert len(calls) == len(clock.sleeps) + 1 and len(calls) >= 10
 
 
 class Unavailable(RuntimeError, RetryBudgetSpent):
     """As the store's StorageUnavailableError."""
 
 
-def test_a_spent_budget_raises_the_callers_error_from_the_last_one() -> None:
+def test_a_spent_budget_raises_the_callers_error_from_the_last_one(clock: FakeClock) -> None:
     seen: list[tuple[Exception, int, float]] = []
 
     def give_up(err: Exception, attempts: int, seconds: float) -> Exception:
@@ -86,7 +109,7 @@ def test_a_spent_budget_raises_the_callers_error_from_the_last_one() -> None:
         retry_transient(down, budget_s=0.1, first_delay=0.01, give_up=give_up)
     ((last, attempts, seconds),) = seen
     assert err.value.__cause__ is last and isinstance(last, ConnectionRefusedError)
-    assert attempts >= 2 and seconds >= 0.1
+    assert attempts >= 2 and seconds == pytest.approx(0.1)
     # For Prefect's stage retry a spent budget is transient, also after Ray pickled it (which
     # drops __cause__) ...
     assert is_transient(err.value)

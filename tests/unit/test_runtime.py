@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from tasks.runtime import PROCESS_DEFAULTS
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def test_imports_have_no_side_effects_and_setup_is_explicit() -> None:

@@ -1,4 +1,4 @@
-"""Samplers driven by the exact denoiser of Gaussian data (see gaussian_oracle.py).
+"""Samplers driven by the exact denoiser of Gaussian data (see tests/support/gaussian_oracle.py).
 
 Data: 4-dim N(MU, SIGMA), non-diagonal, eigenvalues 0.010, 0.085, 0.44, 1.93. Sampling starts
 from the exact marginal at the first timestep, so only discretisation separates a sampler's
@@ -11,16 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffusion_core.samplers import SAMPLERS, sample
+from diffusion_core.samplers import SAMPLERS
 from diffusion_core.schedules import Spacing, alpha_bar_from_betas, make_betas, make_timesteps
 from diffusion_core.seeding import ImageNoise
-from tests.unit.gaussian_oracle import (
+from tests.support.gaussian_oracle import (
     MU,
     SIGMA,
-    exact_denoiser,
     exact_moments,
-    initial_x,
     moments,
+    monte_carlo,
+    std_error,
     w2_distance,
 )
 
@@ -35,16 +35,9 @@ MEAN_TOL = 0.1
 COV_TOL = 0.2
 
 
-def std_error(cov: torch.Tensor) -> float:
-    """max_i |sqrt(C_ii) - sqrt(SIGMA_ii)|: the worst per-dimension error of the output's std."""
-    return float((cov.diagonal().sqrt() - SIGMA.diagonal().sqrt()).abs().max())
-
-
-def run_monte_carlo(name: str, num_steps: int):
+def run_monte_carlo(name: str, num_steps: int) -> torch.Tensor:
     timesteps = make_timesteps(1000, num_steps, "trailing")
-    noise = ImageNoise(range(N))
-    x = initial_x(float(LINEAR[timesteps[0]]), noise)
-    return sample(name, exact_denoiser(LINEAR), x, timesteps, alpha_bar=LINEAR, noise=noise)  # type: ignore[arg-type]
+    return monte_carlo(SAMPLERS[name], timesteps, LINEAR, ImageNoise(range(N)))
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +59,7 @@ def test_sample_moments_match_the_data(name: str, num_steps: int, ddpm_samples) 
 def test_exact_moments_agree_with_monte_carlo() -> None:
     """The affine-probe moments used below are what sampling actually produces."""
     timesteps = make_timesteps(1000, 10, "trailing")
-    noise = ImageNoise(range(N))
-    x = initial_x(float(LINEAR[timesteps[0]]), noise)
-    out = SAMPLERS["dpmpp_2m"](exact_denoiser(LINEAR), x, timesteps, alpha_bar=LINEAR, noise=noise)
-    mc_mean, mc_cov = moments(out)
+    mc_mean, mc_cov = moments(run_monte_carlo("dpmpp_2m", 10))
     mean, cov = exact_moments(SAMPLERS["dpmpp_2m"], timesteps, LINEAR)
     assert float((mc_mean - mean).abs().max()) < MEAN_TOL / 2
     assert float((mc_cov - cov).abs().max()) < COV_TOL / 2

@@ -5,7 +5,7 @@ C_t = ab Sigma + (1 - ab) I, and Gaussian conditioning gives the exact (MMSE) de
 E[eps | x_t] = sqrt(1 - ab) C_t^{-1} (x_t - sqrt(ab) mu). Every sampler here is then an affine
 map of its initial noise (plus, for DDPM, of its step noise), so its output is exactly Gaussian
 and a deterministic sampler's output moments can be computed exactly by probing it with d + 1
-inputs. Used by the unit tests and by benchmarks/bench_sampler_accuracy.py.
+inputs. Used by tests/unit/test_samplers_gaussian.py and benchmarks/bench_sampler_accuracy.py.
 """
 
 from __future__ import annotations
@@ -58,6 +58,15 @@ def initial_x(alpha_bar_t: float, noise: ImageNoise) -> Tensor:
     return (mean + z @ torch.linalg.cholesky(cov).T).reshape(len(noise), *SHAPE)
 
 
+def monte_carlo(
+    sampler: SamplerFn, timesteps: Tensor, alpha_bar: Tensor, noise: ImageNoise
+) -> Tensor:
+    """The sampler's outputs [len(noise), *SHAPE] from draws of the exact marginal at the first
+    timestep (for DDPM, whose step noise makes its output moments Monte Carlo ones)."""
+    x = initial_x(float(alpha_bar[timesteps[0]]), noise)
+    return sampler(exact_denoiser(alpha_bar), x, timesteps, alpha_bar=alpha_bar, noise=noise)
+
+
 def moments(samples: Tensor) -> tuple[Tensor, Tensor]:
     """Sample mean [d] and covariance [d, d] of samples [N, *SHAPE]."""
     flat = samples.reshape(samples.shape[0], DIM)
@@ -92,3 +101,8 @@ def w2_distance(mean: Tensor, cov: Tensor) -> float:
     root = sqrtm(cov)
     trace = torch.trace(cov + SIGMA - 2 * sqrtm(root @ SIGMA @ root))
     return float(((mean - MU).square().sum() + trace.clamp(min=0)).sqrt())
+
+
+def std_error(cov: Tensor) -> float:
+    """max_i |sqrt(C_ii) - sqrt(SIGMA_ii)|: the worst per-dimension error of the output's std."""
+    return float((cov.diagonal().sqrt() - SIGMA.diagonal().sqrt()).abs().max())
