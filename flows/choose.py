@@ -20,6 +20,7 @@ from prefect.runtime import flow_run
 from flows.stages import (
     ema_report_task,
     evaluate_sets_task,
+    load_flow_config,
     rebuild_ema_task,
     sample_grid_task,
     sample_task,
@@ -27,17 +28,11 @@ from flows.stages import (
     shard_task,
 )
 from tasks import layout
-from tasks.config import EMA_CHOICE_SIGMA_RELS, PipelineConfig, load_config
+from tasks.config import EMA_CHOICE_SIGMA_RELS
 from tasks.records import Checkpoint, EmaChoice, SamplerChoice
-from tasks.runtime import setup_process
 from tasks.sample.grid import grid_configs, sampler_choice, use_command
 from tasks.storage import open_store
 from tasks.train.phema import choose_ema_length
-
-
-def _config(config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
-    setup_process()  # a Prefect worker imports this module itself, without our CLI
-    return load_config(config_path, overrides)
 
 
 @flow(name="samplers")
@@ -55,7 +50,7 @@ def sampler_flow(
     `stamp` names the sweep's report folder (default: this flow run's scheduled start, so a
     retried run keeps it). Returns the choice, every setting's score included."""
     logger = get_run_logger()
-    cfg = _config(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     if "fid" not in cfg.evaluate.metrics:
         raise ValueError(
             f"the sampler sweep scores FID, but evaluate.metrics is {list(cfg.evaluate.metrics)}: "
@@ -122,7 +117,7 @@ def ema_flow(
     `stamp` names the report folder (default: this flow run's scheduled start). Returns the
     choice, every width's score included."""
     logger = get_run_logger()
-    cfg = _config(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     if "fid" not in cfg.evaluate.metrics:
         raise ValueError(
             f"the EMA choice scores FID, but evaluate.metrics is {list(cfg.evaluate.metrics)}: "

@@ -19,6 +19,7 @@ from prefect.runtime import flow_run
 
 from flows.stages import (
     evaluate_task,
+    load_flow_config,
     promote_task,
     report_task,
     sample_task,
@@ -26,7 +27,7 @@ from flows.stages import (
     train_task,
 )
 from tasks import layout
-from tasks.config import PipelineConfig, load_config
+from tasks.config import PipelineConfig
 from tasks.promote.stage import read_champion
 from tasks.records import (
     Checkpoint,
@@ -39,14 +40,8 @@ from tasks.records import (
     TrainResult,
 )
 from tasks.report.stage import nightly_summary
-from tasks.runtime import setup_process
 from tasks.sample.stage import find_sample_set
 from tasks.storage import open_store
-
-
-def _load(config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
-    setup_process()  # a Prefect worker imports this module itself, without our CLI
-    return load_config(config_path, overrides)
 
 
 def _latest_checkpoint(cfg: PipelineConfig) -> Checkpoint:
@@ -55,19 +50,19 @@ def _latest_checkpoint(cfg: PipelineConfig) -> Checkpoint:
 
 @flow(name="shard")
 def shard_flow(config_path: str | None = None, overrides: list[str] | None = None) -> ShardResult:
-    cfg = _load(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     return shard_task(cfg.data, cfg.storage, cfg.ray)
 
 
 @flow(name="train")
 def train_flow(config_path: str | None = None, overrides: list[str] | None = None) -> TrainResult:
-    cfg = _load(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     return train_task(cfg, shard_task(cfg.data, cfg.storage, cfg.ray).manifest)
 
 
 @flow(name="sample")
 def sample_flow(config_path: str | None = None, overrides: list[str] | None = None) -> SampleSet:
-    cfg = _load(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     return sample_task(
         cfg.sample, cfg.ray, cfg.storage, _latest_checkpoint(cfg), cfg.evaluate.repeats
     )
@@ -75,7 +70,7 @@ def sample_flow(config_path: str | None = None, overrides: list[str] | None = No
 
 @flow(name="evaluate")
 def evaluate_flow(config_path: str | None = None, overrides: list[str] | None = None) -> Evaluation:
-    cfg = _load(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     checkpoint = _latest_checkpoint(cfg)
     samples = find_sample_set(open_store(cfg.storage), checkpoint, cfg.sample, cfg.evaluate.repeats)
     if samples is None:
@@ -145,7 +140,7 @@ def nightly(
     retried run keeps it): its report folder, and its one decision in the promotion history,
     which a rerun of the night replaces. Returns the summary (report URL, FID, decision, stages)."""
     logger = get_run_logger()
-    cfg = _load(config_path, overrides)
+    cfg = load_flow_config(config_path, overrides)
     night = night or layout.night_stamp(flow_run.scheduled_start_time)
     logger.info("storage %s, run %s, night %s", cfg.storage.root, cfg.train.run_id, night)
     # The last stage reads the champion: a damaged pointer is refused before any work.

@@ -25,6 +25,7 @@ from tasks.config import (
     RayConfig,
     SampleConfig,
     StorageConfig,
+    load_config,
 )
 from tasks.evaluate.stage import evaluate, evaluate_sets
 from tasks.promote.stage import promote_if_better
@@ -48,6 +49,7 @@ from tasks.report.choice import write_ema_report, write_sampler_report
 from tasks.report.document import render_markdown
 from tasks.report.stage import write_evaluation_report, write_nightly_report
 from tasks.retry import STAGE_RETRIES, STAGE_RETRY_DELAY_S, is_transient
+from tasks.runtime import setup_process
 from tasks.sample.stage import SampleGrid, sample_grid, sample_images
 from tasks.shard.stage import shard_dataset
 from tasks.storage import open_store
@@ -56,6 +58,13 @@ from tasks.train.stage import train
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+def load_flow_config(config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
+    """A flow's config, resolved once. A Prefect worker imports the flows itself, without our CLI,
+    so the process settings are made here too."""
+    setup_process()
+    return load_config(config_path, overrides)
 
 
 def _transient_failure(task: Any, task_run: Any, state: Any) -> bool:  # Prefect's hook signature

@@ -8,7 +8,7 @@ layout" section is tested against these functions (tests/unit/test_layout.py).
     datasets/<name>-<set12>/{train,holdout}-<chunk16>.tar ... manifest.json
     runs/<run_id>/config.json
     runs/<run_id>/checkpoints/step-00000600.pt  latest.json
-    runs/<run_id>/samples/<set>/weights.pt  shard-000000.tar  shard-000000.json  manifest.json
+    runs/<run_id>/samples/<set>/weights.pt  weights.json  shard-000000.tar  shard-000000.json  manifest.json
     runs/<run_id>/samples/<set>/features/<extractor sha16>/shard-000000.npz
     runs/<run_id>/eval/<set>/metrics.json  grid.png  report.md
     runs/<run_id>/nightly/<stamp>/report.md  report.html  {grid,loss,fid}.png  summary.json
@@ -204,6 +204,11 @@ def sample_set_prefix(run_id: str, set_name: str) -> str:
 
 def sample_weights(set_prefix: str) -> str:
     return f"{set_prefix}/weights.pt"
+
+
+def sample_weights_record(set_prefix: str) -> str:
+    """Which weights `sample_weights` holds (`SampleWeights`), read instead of the weights."""
+    return f"{set_prefix}/weights.json"
 
 
 def sample_shard(set_prefix: str, n: int) -> str:

@@ -229,6 +229,15 @@ class TrainHistory(Record):
 
 
 # -- sample --------------------------------------------------------------------------------------
+class SampleWeights(Record):
+    """`<set>/weights.json`, beside `weights.pt`: which weights the set samples (the EMA's or the
+    raw model's) and the file's sha256, so a rerun reads this and not the weights to learn it."""
+
+    format: Literal["diffusion-pipeline/sample-weights@1"] = "diffusion-pipeline/sample-weights@1"
+    weights: Literal["ema", "raw"]
+    sha256: str
+
+
 class SampleShard(Record):
     """Receipt of one seed range's shard, written after the shard: its presence means complete."""
 

@@ -69,6 +69,10 @@ class StorageError(RuntimeError):
     """The store cannot be used as configured: missing bucket or credentials, endpoint down."""
 
 
+class StoreKeyError(StorageError, ValueError):
+    """A key that would leave the storage root (a record edited by hand to point outside it)."""
+
+
 class StorageCredentialsError(StorageError):
     """No S3 credentials were found, or the store refused them. Not transient: never retried."""
 
@@ -241,7 +245,7 @@ class Store:
         """The filesystem path of `key`; a key that would leave the root is refused."""
         key = key.rstrip("/")  # a folder's trailing slash; a leading one is refused below
         if key and any(p in ("", ".", "..") for p in key.split("/")):
-            raise ValueError(f"storage key {key!r} is not a plain path below the storage root")
+            raise StoreKeyError(f"storage key {key!r} is not a plain path below the storage root")
         return f"{self.root_path.rstrip('/')}/{key}" if key else self.root_path
 
     def url(self, key: str) -> str:

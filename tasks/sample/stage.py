@@ -34,7 +34,7 @@ from tasks import layout
 from tasks.config import RayConfig, SampleConfig
 from tasks.jobs import Progress, pool_size
 from tasks.ray_runtime import check_resources, ensure_ray, restartable
-from tasks.records import Checkpoint, SampleSet, SampleShard
+from tasks.records import Checkpoint, SampleSet, SampleShard, SampleWeights
 from tasks.sample.generate import SeedRangeSampler
 from tasks.sample.grid import check_same_job, describe_setting
 from tasks.storage import Store
@@ -112,15 +112,23 @@ def _extract_weights(store: Store, checkpoint: Checkpoint, use_ema: bool) -> tup
     return data, kind
 
 
-def _write_weights(store: Store, checkpoint: Checkpoint, use_ema: bool, key: str) -> Weights:
-    data, kind = _extract_weights(store, checkpoint, use_ema)
-    store.write_bytes(key, data)
+def _weights_kind(store: Store, prefix: str) -> Weights:
+    """Which weights a set's `weights.pt` holds: from `weights.json`, or, for a set written before
+    that record existed, from the weights file itself (and the record is written then)."""
+    record = SampleWeights.read_or_none(store, layout.sample_weights_record(prefix))
+    if record is not None:
+        return record.weights
+    key = layout.sample_weights(prefix)
+    data = store.read_bytes(key)
+    state = load_checkpoint(data)
+    kind: Weights = "raw" if state.get("extra", {}).get("weights") == "raw" else "ema"
+    _write_weights_record(store, prefix, kind, data)
     return kind
 
 
-def _weights_kind(store: Store, key: str) -> Weights:
-    state = load_checkpoint(store.read_bytes(key))
-    return "raw" if state.get("extra", {}).get("weights") == "raw" else "ema"
+def _write_weights_record(store: Store, prefix: str, kind: Weights, data: bytes) -> None:
+    record = SampleWeights(weights=kind, sha256=hashlib.sha256(data).hexdigest())
+    record.write(store, layout.sample_weights_record(prefix))
 
 
 @dataclass(frozen=True)
@@ -224,10 +232,11 @@ def sample_grid(
         for plan in todo:
             key = layout.sample_weights(plan.prefix)
             if store.exists(key):
-                weights[plan.name] = _weights_kind(store, key)
+                weights[plan.name] = _weights_kind(store, plan.prefix)
                 continue
             extracted = extracted or _extract_weights(store, checkpoint, plan.cfg.use_ema)
             store.write_bytes(key, extracted[0])
+            _write_weights_record(store, plan.prefix, extracted[1], extracted[0])
             weights[plan.name] = extracted[1]
 
         progress = Progress("sampling", sum(repeats * p.cfg.num_images for p in todo))

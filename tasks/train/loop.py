@@ -27,7 +27,7 @@ from diffusion_core.schedules import alpha_bar_from_betas, make_betas
 from diffusion_core.unet import UNet, UNetConfig
 from tasks import layout
 from tasks.config import ConfigError, ModelConfig, PipelineConfig, TrainConfig
-from tasks.records import Checkpoint, DatasetManifest, LogWindow, TrainResult
+from tasks.records import Checkpoint, DatasetManifest, LogWindow, RecordFormatError, TrainResult
 from tasks.runtime import temp_prefix
 from tasks.storage import Store, open_store, sha256_bytes
 from tasks.train.data import RankBatches, load_batches, to_device
@@ -197,7 +197,13 @@ def init_state(
     step = 0
     saved: dict[str, Any] = {}
     if start is not None:
-        saved = load_checkpoint(start, map_location=device)
+        try:
+            saved = load_checkpoint(start, map_location=device)
+        except ValueError as err:  # refused by the weights-only loader: a restart meets it again
+            raise RecordFormatError(
+                f"run {tc.run_id!r} cannot resume: its latest checkpoint is refused: {err}. "
+                f"Point {layout.latest_checkpoint(tc.run_id)} at an intact checkpoint"
+            ) from None
         net.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["optimizer"])

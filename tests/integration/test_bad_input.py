@@ -5,6 +5,8 @@ user would try next."""
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 
 import pytest
 import torch
@@ -12,13 +14,14 @@ import torch
 from diffusion_core.checkpoint import load_checkpoint, save_checkpoint
 from tasks import layout
 from tasks.config import DataConfig, SampleConfig, StorageConfig
+from tasks.errors import describe_failure
 from tasks.ray_runtime import ResourcesUnavailableError
-from tasks.records import DatasetManifest
+from tasks.records import DatasetManifest, RecordFormatError
 from tasks.sample.stage import sample_images
 from tasks.shard.stage import shard_dataset
 from tasks.storage import Store
 from tasks.train.loop import TrainJob, run_training
-from tasks.train.stage import train
+from tasks.train.stage import NOT_RETRIED, train
 from tasks.webdata import ShardReadError, iter_images, iter_raw_samples
 from tests.support.config import tiny_config
 from tests.support.shards import verify_manifest
@@ -67,10 +70,41 @@ def test_a_pointer_to_a_key_outside_the_store_is_refused(trained, tmp_path, key)
     bad.write(store, layout.latest_checkpoint("escape"))
     escape_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_id": "escape"})})
     job = TrainJob(config=escape_cfg, target_step=4, manifest=manifest)
-    with pytest.raises(ValueError, match="not a plain path below the storage root"):
+    with pytest.raises(ValueError, match="not a plain path below the storage root") as err:
         run_training(job)
+    assert isinstance(err.value, NOT_RETRIED)  # ends a Ray run after one attempt
     with pytest.raises(ValueError, match="not a plain path below the storage root"):
         sample_images(store, cfg.sample, cfg.ray, bad)
+
+
+class _Exploit:
+    def __reduce__(self):  # a payload that would run a command if unpickled
+        return (os.system, ("touch exploited",))
+
+
+def test_a_code_running_checkpoint_ends_training_at_once(trained, tmp_path, monkeypatch):
+    """A checkpoint whose bytes would run code, recorded with its own (matching) sha256: the
+    weights-only loader refuses it, and the error is one a restart would only meet again."""
+    store, cfg, manifest, good = trained
+    monkeypatch.chdir(tmp_path)
+    buffer = io.BytesIO()
+    torch.save({"model": _Exploit(), "step": 2}, buffer)
+    data = buffer.getvalue()
+    evil = good.model_copy(
+        update={
+            "run_id": "evil",
+            "key": layout.checkpoint("evil", 2),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+    )
+    store.write_bytes(evil.key, data)
+    evil.write(store, layout.latest_checkpoint("evil"))
+    evil_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"run_id": "evil"})})
+    with pytest.raises(RecordFormatError, match="cannot resume.*not a safe checkpoint") as err:
+        run_training(TrainJob(config=evil_cfg, target_step=4, manifest=manifest))
+    assert isinstance(err.value, NOT_RETRIED)
+    assert "weights_only" not in describe_failure(err.value)
+    assert not (tmp_path / "exploited").exists()
 
 
 def test_a_checkpoint_changed_after_it_was_written_is_refused(trained):

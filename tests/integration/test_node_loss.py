@@ -196,10 +196,13 @@ def test_a_lost_worker_node_is_survived_in_every_stage(tmp_path, ray_cluster):
             killed["train"] = wait_for("a first checkpoint", saved, driver, log).step
 
             # Nothing the driver relies on is on the node to be lost (the progress queue, the
-            # run's state, Ray Train's controller): only the training worker and Ray's agents.
+            # run's state, Ray Train's controller): only the training worker, Ray's agents and
+            # Ray Train's PreemptionWatcher (one per worker group, made again with the group).
             actors = {t for t in titles(first) if re.fullmatch(rb"ray::\w+(\.\w+)?", t)}
             assert actors and all(
-                t.startswith(b"ray::RayTrainWorker") or t.endswith(b"Agent") or t == b"ray::IDLE"
+                t.startswith(b"ray::RayTrainWorker")
+                or t.endswith(b"Agent")
+                or t in (b"ray::IDLE", b"ray::PreemptionWatcher")
                 for t in actors
             ), actors
             kill_node(cluster, first)

@@ -14,7 +14,7 @@ import pytest
 
 from tasks import layout
 from tasks.config import SampleConfig, StorageConfig
-from tasks.records import Checkpoint, SampleSet
+from tasks.records import Checkpoint, SampleSet, SampleWeights
 from tasks.sample.generate import SeedRangeSampler
 from tasks.sample.stage import find_sample_set, sample_images, sample_set_name
 from tasks.storage import Store
@@ -39,11 +39,11 @@ def checkpoint(tmp_path_factory):
 
 def _weights(store: Store, ckpt: Checkpoint) -> str:
     """A weights-only file of the checkpoint's EMA, as the sample stage writes for its tasks."""
-    from tasks.sample.stage import _write_weights
+    from tasks.sample.stage import _extract_weights
 
     key = f"w/{ckpt.step}.pt"
     if not store.exists(key):
-        _write_weights(store, ckpt, True, key)
+        store.write_bytes(key, _extract_weights(store, ckpt, True)[0])
     return key
 
 
@@ -151,6 +151,16 @@ def test_a_damaged_shard_is_sampled_again_with_its_bytes(checkpoint, ray_cluster
         assert sample_images(store, sc, cfg.ray, ckpt).shards == first.shards
     assert store.url(intact) in caplog.text and store.url(damaged) not in caplog.text
     assert {k: store.read_bytes(k) for k in original} == original
+
+    # Which weights the set holds is recorded beside them (weights.json); a set written before
+    # that record existed gets it from the weights file once.
+    record_key = layout.sample_weights_record(layout.sample_set_prefix(ckpt.run_id, first.name))
+    record = SampleWeights.read(store, record_key)
+    assert record.weights == "ema" and record.sha256 == store.sha256(first.weights_key)
+    store.delete(record_key)
+    store.delete(first.key)
+    assert sample_images(store, sc, cfg.ray, ckpt).shards == first.shards
+    assert SampleWeights.read(store, record_key) == record
 
 
 # -- the job: a pool of actors, repeats, a killed actor, a resumed job ---------------------------

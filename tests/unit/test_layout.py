@@ -93,6 +93,7 @@ def _layout_keys() -> tuple[list[str], set[str]]:
         L["checkpoint"](run, step),
         L["latest_checkpoint"](run),
         L["sample_weights"](samples),
+        L["sample_weights_record"](samples),
         L["sample_shard"](samples, 0),
         L["sample_receipt"](samples, 0),
         L["sample_manifest"](samples),
