@@ -224,7 +224,12 @@ def test_sampling_rides_out_an_outage_while_writing_shards(s3_endpoint, s3_proxy
         assert not set(members) & set(by_seed)  # each seed in one shard only
         by_seed |= members
     assert sorted(by_seed) == list(range(24))
-    expected = {f"pipeline/{ckpt.key}", f"pipeline/{result.key}", f"pipeline/{result.weights_key}"}
+    expected = {
+        f"pipeline/{ckpt.key}",
+        f"pipeline/{result.key}",
+        f"pipeline/{result.weights_key}",
+        f"pipeline/{layout.sample_weights_record(result.prefix)}",
+    }
     for n in range(n_ranges):
         expected |= {
             f"pipeline/{layout.sample_shard(result.prefix, n)}",
