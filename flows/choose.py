@@ -28,11 +28,19 @@ from flows.stages import (
     shard_task,
 )
 from tasks import layout
-from tasks.config import EMA_CHOICE_SIGMA_RELS
+from tasks.config import EMA_CHOICE_SIGMA_RELS, PipelineConfig
 from tasks.records import Checkpoint, EmaChoice, SamplerChoice
 from tasks.sample.grid import grid_configs, sampler_choice, use_command
 from tasks.storage import open_store
 from tasks.train.phema import choose_ema_length
+
+
+def _require_fid(cfg: PipelineConfig, what: str) -> None:
+    """A choice is made on FID: refuse a config that does not compute it, naming the field."""
+    if "fid" not in cfg.evaluate.metrics:
+        raise ValueError(
+            f"{what} scores FID, but evaluate.metrics is {list(cfg.evaluate.metrics)}: add fid"
+        )
 
 
 @flow(name="samplers")
@@ -51,11 +59,7 @@ def sampler_flow(
     retried run keeps it). Returns the choice, every setting's score included."""
     logger = get_run_logger()
     cfg = load_flow_config(config_path, overrides)
-    if "fid" not in cfg.evaluate.metrics:
-        raise ValueError(
-            f"the sampler sweep scores FID, but evaluate.metrics is {list(cfg.evaluate.metrics)}: "
-            "add fid"
-        )
+    _require_fid(cfg, "the sampler sweep")
     store = open_store(cfg.storage)
     checkpoint = Checkpoint.require_latest(store, cfg.train.run_id)
     configs = grid_configs(
@@ -118,11 +122,7 @@ def ema_flow(
     choice, every width's score included."""
     logger = get_run_logger()
     cfg = load_flow_config(config_path, overrides)
-    if "fid" not in cfg.evaluate.metrics:
-        raise ValueError(
-            f"the EMA choice scores FID, but evaluate.metrics is {list(cfg.evaluate.metrics)}: "
-            "add fid"
-        )
+    _require_fid(cfg, "the EMA choice")
     if not cfg.sample.use_ema:
         raise ValueError(
             "the EMA choice samples the rebuilt EMA weights, but sample.use_ema is false: "

@@ -23,6 +23,7 @@ from tasks.records import (
     Champion,
     Metrics,
     MetricSample,
+    PromotionDecision,
     PromotionHistory,
     RecordFormatError,
 )
@@ -255,7 +256,8 @@ CHAMPION_FIDS = [0.1015, 0.1308, 0.1005]
 CHALLENGER_FIDS = [0.0854, 0.1055, 0.0868]
 
 
-def test_lower_on_every_shared_seed_range_is_promoted_by_the_paired_test(store):
+def _champion_then_challenger(store: Store, cfg: PromoteConfig) -> PromotionDecision:
+    """Night 1 promotes CHAMPION_FIDS; night 2 weighs CHALLENGER_FIDS under `cfg`."""
     promote_if_better(
         store,
         PromoteConfig(),
@@ -263,13 +265,13 @@ def test_lower_on_every_shared_seed_range_is_promoted_by_the_paired_test(store):
         checkpoint_record(1, store),
         NIGHTS[0],
     )
-    d = promote_if_better(
-        store,
-        PromoteConfig(),
-        metrics_record(CHALLENGER_FIDS),
-        checkpoint_record(2, store),
-        NIGHTS[1],
+    return promote_if_better(
+        store, cfg, metrics_record(CHALLENGER_FIDS), checkpoint_record(2, store), NIGHTS[1]
     )
+
+
+def test_lower_on_every_shared_seed_range_is_promoted_by_the_paired_test(store):
+    d = _champion_then_challenger(store, PromoteConfig())
     assert d.promoted and d.evidence.test == "paired", d.reason
     # The unpaired rule this replaced kept the champion on the same scores (p = 0.10).
     welch = welch_test(
@@ -284,20 +286,7 @@ def test_lower_on_every_shared_seed_range_is_promoted_by_the_paired_test(store):
 
 
 def test_min_improvement_still_raises_the_bar(store):
-    promote_if_better(
-        store,
-        PromoteConfig(),
-        metrics_record(CHAMPION_FIDS),
-        checkpoint_record(1, store),
-        NIGHTS[0],
-    )
-    d = promote_if_better(
-        store,
-        PromoteConfig(min_improvement=0.25),
-        metrics_record(CHALLENGER_FIDS),
-        checkpoint_record(2, store),
-        NIGHTS[1],
-    )
+    d = _champion_then_challenger(store, PromoteConfig(min_improvement=0.25))
     assert not d.promoted and "promote.min_improvement 0.25 asks" in d.reason
 
 
