@@ -1,9 +1,11 @@
 """`diffpipe`: one subcommand per stage, `nightly` for the whole chain, `serve` for the deployment.
 
-diffpipe nightly [-c config.yaml] [section.field=value ...] [--dry-run]
-diffpipe promote [--rollback] [--model NAME]
+diffpipe nightly [-c config.yaml] [section.field=value ...] [--dry-run] [--wait]
+diffpipe promote [--rollback] [--model NAME] [--wait]
 diffpipe samplers [-c config.yaml] [overrides] --samplers ddim,dpmpp_2m --steps 10,20,50
 diffpipe ema [-c config.yaml] [overrides] --sigma-rels 0.03,0.05,0.07,0.10,0.15 [--step N]
+diffpipe gc [-c config.yaml] [overrides] [--dry-run]
+diffpipe sweep -c sweep.yaml [--dry-run] [--no-confirm]
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tasks.config import (
     to_yaml,
 )
 from tasks.errors import describe_failure
+from tasks.lease import model_lease, refuse_if_held
 from tasks.promote.stage import read_champion, repair_champion
 from tasks.promote.stage import rollback as roll_back
 from tasks.records import (
@@ -47,9 +50,12 @@ from tasks.records import (
     SamplerChoice,
     SampleSet,
     ShardResult,
+    SweepResult,
     TrainResult,
     with_noise,
 )
+from tasks.retention.rule import Deletion, size
+from tasks.retention.stage import apply_retention, plan_retention
 from tasks.runtime import setup_process
 from tasks.sample.grid import grid_configs, product_grid
 from tasks.shard.datasets import check_source
@@ -61,12 +67,17 @@ STAGES = {
     "train": "train (or resume) the denoiser with Ray Train DDP",
     "sample": "sample images from the run's latest checkpoint with Ray tasks",
     "evaluate": "compute FID/KID/IS of the latest sample set against the held-out split",
-    "nightly": "shard -> train (continue) -> sample -> evaluate -> promote if better -> report",
+    "nightly": "shard -> train (continue) -> sample -> evaluate -> promote if better -> report "
+    "-> retention",
     "samplers": "score a grid of sampler settings of the latest checkpoint (FID against NFE) and "
     "choose the cheapest within the noise of the best",
     "ema": "rebuild EMAs of several widths from the run's post-hoc EMA snapshots, score each and "
     "choose one",
     "promote": "show the promoted model and its recent nights; --rollback restores the previous one",
+    "gc": "apply the retention policy (retention.*): delete what it does not keep; --dry-run lists "
+    "it with the bytes and deletes nothing",
+    "sweep": "a sweep over training settings (-c sweep.yaml): trials trained in segments under Ray "
+    "Tune, losers stopped early (ASHA/median), within a device-seconds budget; resumable",
     "serve": "register the nightly deployment (cron) with the Prefect API and run its flow runs",
 }
 
@@ -89,13 +100,26 @@ def _parser() -> argparse.ArgumentParser:
             metavar="section.field=value",
             help="config overrides, e.g. train.steps=200",
         )
-        p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        p.add_argument(
+            "--dry-run",
+            action="store_true",
+            help="list what would be deleted, with the bytes, and delete nothing"
+            if name == "gc"
+            else "print the resolved config and exit",
+        )
         p.add_argument(
             "-v",
             "--verbose",
             action="store_true",
             help="also show Ray's and Prefect's own logs and a failure's full cause chain",
         )
+        if name in ("nightly", "train", "promote"):
+            p.add_argument(
+                "--wait",
+                action="store_true",
+                help="when another process holds the run's (promote: the model's) lease, wait "
+                "for it to end instead of failing",
+            )
         if name == "promote":
             p.add_argument(
                 "--rollback",
@@ -112,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
             _sweep_arguments(p)
         if name == "ema":
             _ema_arguments(p)
+        if name == "sweep":
+            p.add_argument(
+                "--no-confirm",
+                action="store_true",
+                help="skip the winner's confirmation at full n on the evaluation's seed ranges",
+            )
         if name == "serve":
             p.add_argument("--cron", default=None, help="schedule (default: 0 2 * * *, 02:00 UTC)")
             p.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
@@ -258,6 +288,10 @@ def _print_summary(result: NightlySummary, seconds: float | None) -> None:
     for s in result.stages:
         reused = "reused" if s.reused else ""
         print(f"  {s.name:<9}{s.seconds:7.1f} s  {reused:<7} {s.detail}")
+        if s.usage is not None:  # README: Cost
+            print(f"  {'':<9}{'':>9}  {'':<7} {s.usage.describe()}")
+    if result.cost is not None:
+        print(f"cost: {result.cost.describe()}")
     print(f"report: {result.report_url}")
     print(f"FID: {_fid(m)}")
     print(f"promotion: {'PROMOTED' if d.promoted else 'not promoted'}: {d.reason}")
@@ -327,6 +361,33 @@ def _promote(store: Store, model_name: str, rollback: bool, repair: bool = False
     return 0
 
 
+def _gc(store: Store, cfg: PipelineConfig, dry_run: bool) -> int:
+    """`diffpipe gc`: every object the retention policy does not keep, by artifact, with its
+    bytes; deleted unless `dry_run` (README: Retention)."""
+    policy = cfg.retention
+    planned = plan_retention(store, policy, cfg.train.keep_checkpoints)
+    depth = "all" if policy.rollback_depth is None else policy.rollback_depth
+    print(
+        f"retention of {store.url('')}: keep_nights={policy.keep_nights}, grace_hours="
+        f"{policy.grace_hours:g}, rollback_depth={depth}, train.keep_checkpoints="
+        f"{cfg.train.keep_checkpoints}{' (dry run: nothing is deleted)' if dry_run else ''}"
+    )
+    by_artifact: dict[str, list[Deletion]] = {}
+    for d in planned.deletions:
+        by_artifact.setdefault(d.why, []).append(d)
+    for why, deletions in by_artifact.items():
+        print(f"{why}:")
+        for d in deletions:
+            print(f"  {size(d.bytes):>9}  {d.key}")
+    for night in planned.pruned_reports:
+        print(f"report text kept, saying its images were pruned: {night.report_key}")
+    if not dry_run:
+        apply_retention(store, planned, policy)
+    verb = "would delete" if dry_run else "deleted"
+    print(f"{verb} {len(planned.deletions)} objects: {planned.describe()}")
+    return 0
+
+
 def _prefect_chatter(record: logging.LogRecord) -> bool:
     """Prefect's own INFO lines that the nightly's stage lines already say: its temporary
     server starting and stopping, each task run's "Finished in state Completed()"."""
@@ -390,11 +451,78 @@ def _load(command: str, path: str | None, overrides: list[str]) -> PipelineConfi
     return cfg
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    """`diffpipe sweep -c sweep.yaml`: every trial's config checked before anything starts
+    (`--dry-run` lists the trials), then the sweep flow; the same command resumes a killed one."""
+    from tasks.sweep.spec import SweepSpecError, describe, plan_trials, read_spec
+
+    if not args.config:
+        print("diffpipe sweep: give the sweep's YAML with -c sweep.yaml", file=sys.stderr)
+        return 2
+    if args.overrides:
+        print(
+            "diffpipe sweep: overrides go in the sweep YAML (base.overrides), not on the command "
+            f"line: {args.overrides[0]!r}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        spec = read_spec(args.config)
+        plans = plan_trials(spec)
+    except SweepSpecError as err:
+        print(f"diffpipe sweep: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        for plan in plans:
+            print(
+                f"{plan.trial_id}  run {plan.run_id}  seed {plan.seed}  {describe(plan.settings)}"
+            )
+        return 0
+    _configure_logging(args.verbose)
+    start_watchdog()
+    from flows.sweep import sweep_flow
+
+    try:
+        result = sweep_flow(sweep_path=args.config, confirm=not args.no_confirm)
+    except Exception as err:  # noqa: BLE001 - every failure ends as one message and exit code 1
+        print(f"diffpipe sweep: {describe_failure(err)}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exception(err)
+        return 1
+    _print_sweep(result)
+    return 0
+
+
+def _print_sweep(result: SweepResult) -> None:
+    """Every trial in one line, where the budget stopped the sweep, the winner and its handoff."""
+    print(f"\nsweep {result.name!r}: {len(result.trials)} trials, {result.scheduler}")
+    for o in result.trials:
+        t = o.trial
+        last = t.segments[-1] if t.segments else None
+        fid = "-" if last is None else with_noise(last.fid, last.fid_std, len(last.values))
+        mark = "WINNER" if t.trial_id == result.winner else ""
+        print(
+            f"  {t.trial_id}  step {t.step:>6}/{t.target_step:<6} FID {fid:<34} "
+            f"{t.device_s:8.0f} {result.device_unit}-s  {o.status:<11} {mark}"
+        )
+    budget = f" of {result.budget_device_s:.0f}" if result.budget_device_s else ""
+    print(f"spent: {result.spent_device_s:.0f}{budget} {result.device_unit}-seconds")
+    if result.budget_note:
+        print(f"stopped by the budget: {result.budget_note}")
+    if result.confirmation is not None:
+        print(f"winner confirmed at full n: FID {_fid(result.confirmation)}")
+    if result.handoff:
+        print(f"hand it to the nightly: {result.handoff}")
+    print(f"report: {result.report_url}")
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_process()
     args = _parser().parse_args(argv)
     if args.verbose:  # Ray workers' own output too
         args.overrides = [*args.overrides, "ray.worker_logs=true"]
+    if args.command == "sweep":  # -c is the sweep's YAML, not a pipeline config
+        return _sweep(args)
     try:
         cfg = _load(args.command, args.config, args.overrides)
     except ConfigError as err:
@@ -408,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"diffpipe samplers: {err}", file=sys.stderr)
             return 2
-    if args.dry_run:
+    if args.dry_run and args.command != "gc":
         print(to_yaml(cfg), end="")
         return 0
     _configure_logging(args.verbose)
@@ -431,13 +559,26 @@ def main(argv: list[str] | None = None) -> int:
                 )
         if args.command == "nightly":  # its last stage reads the champion: a damaged one stops here
             read_champion(store, cfg.promote.model_name)
+        if args.command in ("nightly", "train") and not args.wait:  # another writer of the run
+            run_id = cfg.train.run_id
+            refuse_if_held(store, layout.run_lease_prefix(run_id), f"run {run_id!r}")
     except (OSError, ValueError, RuntimeError) as err:
         print(f"diffpipe {args.command}: {describe_failure(err)}", file=sys.stderr)
         return 2
+    if args.command == "gc":  # the store only, as promote
+        try:
+            return _gc(store, cfg, args.dry_run)
+        except (OSError, ValueError, RuntimeError) as err:
+            print(f"diffpipe gc: {describe_failure(err)}", file=sys.stderr)
+            return 2
     if args.command == "promote":  # the store only: no Ray, no Prefect
         try:
-            return _promote(store, args.model or cfg.promote.model_name, args.rollback, args.repair)
-        except (OSError, ValueError) as err:
+            model = args.model or cfg.promote.model_name
+            if not (args.rollback or args.repair):  # shows, writes nothing
+                return _promote(store, model, args.rollback, args.repair)
+            with model_lease(store, model, cfg.lease, command="promote", wait=args.wait):
+                return _promote(store, model, args.rollback, args.repair)
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: the lease is held
             print(f"diffpipe promote: {describe_failure(err)}", file=sys.stderr)
             return 2
 
@@ -459,10 +600,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     flows: dict[str, Callable[..., BaseModel]] = {
         "shard": flows_mod.shard_flow,
-        "train": flows_mod.train_flow,
+        "train": functools.partial(flows_mod.train_flow, wait_for_lease=args.wait),
         "sample": flows_mod.sample_flow,
         "evaluate": flows_mod.evaluate_flow,
-        "nightly": flows_mod.nightly,
+        "nightly": functools.partial(flows_mod.nightly, wait_for_lease=args.wait),
         "samplers": functools.partial(choose.sampler_flow, grid=grid or None),
     }
     if args.command == "ema":

@@ -17,6 +17,7 @@ import yaml
 
 DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC every night
 DEPLOYMENT_NAME = "nightly"
+DEPLOYMENT_CONCURRENCY = 1  # the deployment's concurrency limit (infra/prefect.yaml's too)
 AUTOMATION_FILE = Path(__file__).resolve().parents[1] / "infra" / "prefect-automation.yaml"
 NOTIFY_PLACEHOLDER = "NOTIFY_BLOCK_ID"
 
@@ -38,6 +39,9 @@ def serve_nightly(
         description="Retrain (continue the run), sample, evaluate; promote the model only when better.",
         tags=["diffusion", "nightly"],
         limit=limit,
+        # One run of the deployment at a time; a second waits its turn (Prefect's default
+        # collision strategy, ENQUEUE). The run's lease (tasks.lease) guards runs from elsewhere.
+        global_limit=DEPLOYMENT_CONCURRENCY,
     )
 
 

@@ -1,5 +1,6 @@
 """Flows: one per stage, for the CLI and ad-hoc runs, and `nightly`, the scheduled chain
-shard (reused when unchanged) -> train (continue the run) -> sample -> evaluate -> promote -> report.
+shard (reused when unchanged) -> train (continue the run) -> sample -> evaluate -> promote -> report
+-> retention (what the store no longer keeps is deleted).
 
 Flows take a config path and `section.field=value` overrides (JSON-able, so a deployment can carry
 them), resolve the config once, and pass each stage the sections it uses and the records the
@@ -8,6 +9,7 @@ stages before it returned.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -22,12 +24,14 @@ from flows.stages import (
     load_flow_config,
     promote_task,
     report_task,
+    retention_task,
     sample_task,
     shard_task,
     train_task,
 )
 from tasks import layout
 from tasks.config import PipelineConfig
+from tasks.lease import Lease, model_lease, run_lease
 from tasks.promote.stage import read_champion
 from tasks.records import (
     Checkpoint,
@@ -42,6 +46,7 @@ from tasks.records import (
 from tasks.report.stage import nightly_summary
 from tasks.sample.stage import find_sample_set
 from tasks.storage import open_store
+from tasks.usage import StageMeter
 
 
 def _latest_checkpoint(cfg: PipelineConfig) -> Checkpoint:
@@ -54,10 +59,23 @@ def shard_flow(config_path: str | None = None, overrides: list[str] | None = Non
     return shard_task(cfg.data, cfg.storage, cfg.ray)
 
 
+def _run_lease(
+    cfg: PipelineConfig, command: str, wait: bool
+) -> contextlib.AbstractContextManager[Lease]:
+    """The run's lease for this flow run: one writer of the run at a time (`tasks.lease`)."""
+    store = open_store(cfg.storage)
+    return run_lease(
+        store, cfg.train.run_id, cfg.lease, command=command, wait=wait, flow_run=flow_run.id
+    )
+
+
 @flow(name="train")
-def train_flow(config_path: str | None = None, overrides: list[str] | None = None) -> TrainResult:
+def train_flow(
+    config_path: str | None = None, overrides: list[str] | None = None, wait_for_lease: bool = False
+) -> TrainResult:
     cfg = load_flow_config(config_path, overrides)
-    return train_task(cfg, shard_task(cfg.data, cfg.storage, cfg.ray).manifest)
+    with _run_lease(cfg, "train", wait_for_lease):
+        return train_task(cfg, shard_task(cfg.data, cfg.storage, cfg.ray).manifest)
 
 
 @flow(name="sample")
@@ -86,7 +104,7 @@ class _Stages:
     """The nightly's stages as the console and the Prefect UI see them: a line when each starts
     and ends, its wall time kept for the report, and a progress artifact at the share done."""
 
-    NAMES = ("shard", "train", "sample", "evaluate", "promote", "report")
+    NAMES = ("shard", "train", "sample", "evaluate", "promote", "report", "retention")
 
     def __init__(self, logger: logging.Logger | logging.LoggerAdapter[logging.Logger], run: str):
         self.logger, self.run = logger, run
@@ -101,11 +119,16 @@ class _Stages:
 
     def start(self, name: str) -> None:
         self.started, self.started_at = time.perf_counter(), datetime.now(UTC)
+        self.meter = StageMeter()  # device time, bytes and store requests (`tasks.usage`)
         self.logger.info("[%d/%d] %s ...", self.NAMES.index(name) + 1, len(self.NAMES), name)
 
     def done(self, name: str, detail: str, reused: bool | None = None) -> StageTiming:
         timing = StageTiming(
-            name=name, seconds=time.perf_counter() - self.started, reused=reused, detail=detail
+            name=name,
+            seconds=time.perf_counter() - self.started,
+            reused=reused,
+            detail=detail,
+            usage=self.meter.stop(),
         )
         self.timings.append(timing)
         n = self.NAMES.index(name) + 1
@@ -118,6 +141,8 @@ class _Stages:
             " (reused)" if reused else "",
             detail,
         )
+        assert timing.usage is not None
+        self.logger.info("[%d/%d] %s used %s", n, len(self.NAMES), name, timing.usage.describe())
         update_progress_artifact(
             self.progress,
             100.0 * n / len(self.NAMES),
@@ -132,16 +157,31 @@ class _Stages:
 
 @flow(name="nightly")
 def nightly(
-    config_path: str | None = None, overrides: list[str] | None = None, night: str | None = None
+    config_path: str | None = None,
+    overrides: list[str] | None = None,
+    night: str | None = None,
+    wait_for_lease: bool = False,
 ) -> NightlySummary:
     """Retrain, sample, evaluate; promote only when better by more than the noise; report.
 
     `night` names the night (default: this flow run's scheduled start, `20261125T020000Z`, so a
     retried run keeps it): its report folder, and its one decision in the promotion history,
-    which a rerun of the night replaces. Returns the summary (report URL, FID, decision, stages)."""
+    which a rerun of the night replaces. Returns the summary (report URL, FID, decision, stages).
+    The run's lease is held throughout: another writer of the run fails at once, or is waited
+    for with `wait_for_lease` (`diffpipe nightly --wait`)."""
     logger = get_run_logger()
     cfg = load_flow_config(config_path, overrides)
     night = night or layout.night_stamp(flow_run.scheduled_start_time)
+    with _run_lease(cfg, "nightly", wait_for_lease):
+        return _night(cfg, night, logger)
+
+
+def _night(
+    cfg: PipelineConfig,
+    night: str,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+) -> NightlySummary:
+    """The nightly's stages, under the run's lease."""
     logger.info("storage %s, run %s, night %s", cfg.storage.root, cfg.train.run_id, night)
     # The last stage reads the champion: a damaged pointer is refused before any work.
     read_champion(open_store(cfg.storage), cfg.promote.model_name)
@@ -159,14 +199,23 @@ def nightly(
 
     stages.start("train")
     trained = train_task(cfg, manifest, nightly=True)
-    ckpt = trained.checkpoint
+    # The challenger: the best checkpoint scored while training ran, else the last.
+    ckpt = trained.best or trained.checkpoint
     if trained.trained_steps == 0:
         stages.done("train", f"nothing to train: the run is at step {ckpt.step}", reused=True)
     else:
         loss = "" if trained.loss is None else f", loss {trained.loss:.4g}"
+        best = ""
+        if trained.best is not None:
+            s = next(s for s in trained.scores if s.step == ckpt.step)
+            best = (
+                f"; best of {len(trained.scores)} scored: step {ckpt.step}, "
+                f"{s.metric.upper()} {s.describe()}"
+            )
         stages.done(
             "train",
-            f"step {trained.resumed_from or 0} -> {ckpt.step} ({trained.trained_steps} steps{loss})",
+            f"step {trained.resumed_from or 0} -> {trained.checkpoint.step} "
+            f"({trained.trained_steps} steps{loss}){best}",
             reused=False,
         )
 
@@ -190,14 +239,26 @@ def nightly(
     )
 
     stages.start("promote")
-    decision = promote_task(cfg.promote, cfg.storage, m, ckpt, night)
+    with model_lease(
+        open_store(cfg.storage),
+        cfg.promote.model_name,
+        cfg.lease,
+        command="nightly",
+        wait=True,
+        flow_run=flow_run.id,
+    ):  # one promotion of the model at a time, whichever run
+        decision = promote_task(cfg.promote, cfg.storage, m, ckpt, night)
     stages.done("promote", "PROMOTED" if decision.promoted else "the champion stays")
 
     stages.start("report")
     store = open_store(cfg.storage)
     summary = nightly_summary(
-        store, night, sharded, trained, samples, m, decision, list(stages.timings)
+        store, night, sharded, trained, samples, m, decision, list(stages.timings), cfg.prices
     )
     report_task(cfg.storage, summary)
     stages.done("report", summary.report_url)
+
+    # Last, under the run's lease, so that the night just reported is one of those kept.
+    stages.start("retention")
+    stages.done("retention", retention_task(cfg.retention, cfg.train, cfg.storage))
     return summary

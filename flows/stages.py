@@ -17,14 +17,17 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
+from flows.scoring import CheckpointScorer
 from tasks.config import (
     DataConfig,
     EvalConfig,
     PipelineConfig,
     PromoteConfig,
     RayConfig,
+    RetentionConfig,
     SampleConfig,
     StorageConfig,
+    TrainConfig,
     load_config,
 )
 from tasks.evaluate.stage import evaluate, evaluate_sets
@@ -48,6 +51,7 @@ from tasks.records import (
 from tasks.report.choice import write_ema_report, write_sampler_report
 from tasks.report.document import render_markdown
 from tasks.report.stage import write_evaluation_report, write_nightly_report
+from tasks.retention.stage import apply_retention, plan_retention
 from tasks.retry import STAGE_RETRIES, STAGE_RETRY_DELAY_S, is_transient
 from tasks.runtime import setup_process
 from tasks.sample.stage import SampleGrid, sample_grid, sample_images
@@ -92,7 +96,15 @@ def shard_task(data: DataConfig, storage: StorageConfig, ray: RayConfig) -> Shar
 
 @_stage("train")
 def train_task(cfg: PipelineConfig, dataset: DatasetManifest, nightly: bool = False) -> TrainResult:
-    return train(cfg, open_store(cfg.storage), dataset, nightly=nightly)
+    """Train; with `evaluate.score_every`, score checkpoints while training runs (the result then
+    names the best of them)."""
+    store = open_store(cfg.storage)
+    if not cfg.evaluate.score_every:
+        return train(cfg, store, dataset, nightly=nightly)
+    with CheckpointScorer(cfg, dataset) as scorer:
+        return scorer.finish(
+            train(cfg, store, dataset, nightly=nightly, on_checkpoint=scorer.submit)
+        )
 
 
 @_stage("sample")
@@ -277,3 +289,17 @@ def report_task(storage: StorageConfig, summary: NightlySummary) -> NightlySumma
     )
     create_link_artifact(summary.report_url, link_text="the full report", key="nightly-report-html")
     return summary
+
+
+@_stage("retention")
+def retention_task(policy: RetentionConfig, train: TrainConfig, storage: StorageConfig) -> str:
+    """The nightly's last stage: the store's retention policy applied (`tasks/retention/`); the
+    stage line's detail says what it freed."""
+    if not policy.enabled:
+        return "off (retention.enabled=false): nothing deleted"
+    store = open_store(storage)
+    planned = plan_retention(store, policy, train.keep_checkpoints)
+    apply_retention(store, planned, policy)
+    pruned = len(planned.pruned_reports)
+    reports = f"; {pruned} older report(s) now say their images were pruned" if pruned else ""
+    return planned.describe() + reports

@@ -313,7 +313,15 @@ class TrainConfig(_Frozen):
     max_failures: int = Field(
         default=2,
         ge=-1,
-        description="restarts of the worker group after a worker error or a lost node (spot preemption, OOM); each resumes from the last checkpoint; -1 = unlimited",
+        description="restarts of the worker group after a worker error or a lost node (a machine gone without notice, OOM); each resumes from the last checkpoint; -1 = unlimited",
+    )
+    max_preemptions: int = Field(
+        default=-1,
+        ge=-1,
+        description="restarts after a node drained for preemption (a spot reclaim with notice), "
+        "counted apart from max_failures: each resumes from the just-in-time checkpoint saved "
+        "during the drain, so each makes progress; -1 = unlimited (Ray Train's "
+        "FailureConfig.max_preemption_failures)",
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = Field(
         default="PACK",
@@ -430,7 +438,12 @@ class SampleConfig(_Frozen):
 class EvalConfig(_Frozen):
     SECTION: ClassVar[str | None] = "evaluate"
 
-    metrics: Tuple[Literal["fid", "kid", "isc"]] = ("fid", "kid")
+    metrics: Tuple[Literal["fid", "kid", "isc", "prc", "memorization", "fd_dinov2"]] = Field(
+        default=("fid", "kid"),
+        description="besides fid/kid/isc: prc (precision and recall), memorization (share of "
+        "samples nearer the training set than held-out images are), fd_dinov2 (needs "
+        "evaluate.dinov2_weights; skipped with one line without them)",
+    )
     inception_weights: str | None = Field(
         default=None,
         description="path or URL of torch-fidelity's InceptionV3 weights (pt_inception-2015-12-05); None = its standard download",
@@ -440,6 +453,26 @@ class EvalConfig(_Frozen):
         description="when the standard weights cannot be had: stop with an error, or continue with a labelled seeded stand-in",
     )
     standin_seed: int = 0
+    max_training_images: int = Field(
+        default=1000,
+        ge=1,
+        description="training images whose features the memorization check compares samples "
+        "with (the first ones of the training split; extracted once and cached)",
+    )
+    memorization_quantile: float = Field(
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="a sample counts as memorized when nearer the training set than this "
+        "quantile of the held-out images' nearest-training distances (expected share of a "
+        "model that does not memorize: this value)",
+    )
+    dinov2_weights: str | None = Field(
+        default=None,
+        description="path or URL of the DINOv2 ViT-S/14 weights (dinov2_vits14_pretrain.pth) for "
+        "FD-DINOv2, with facebookresearch/dinov2's hub code in torch.hub's folder; None = "
+        "FD-DINOv2 skipped (nothing is downloaded)",
+    )
     repeats: int = Field(
         default=3,
         ge=1,
@@ -465,6 +498,26 @@ class EvalConfig(_Frozen):
         "None = as many as the cluster fits (one per GPU with use_gpu), at most one per shard "
         "(was evaluate.num_workers)",
     )
+    score_every: int = Field(
+        default=0,
+        ge=0,
+        description="while training runs, score every k-th checkpoint (and the last) with a "
+        "small sample set on one sampling and one feature worker of their own; the nightly's "
+        "challenger is then the best-scored checkpoint of the night, confirmed at full n on "
+        "the evaluation's own seed ranges before the gate; 0 = off",
+    )
+    score_images: int = Field(
+        default=64, ge=2, description="images per seed range when scoring during training"
+    )
+    score_repeats: int = Field(
+        default=2, ge=1, description="seed ranges per checkpoint when scoring during training"
+    )
+    score_seed_start: int = Field(
+        default=1_000_000_000,
+        ge=0,
+        description="first seed of the ranges scored during training: they must not overlap "
+        "the evaluation's (sample.seed_start on), so that the confirmation is on fresh seeds",
+    )
 
 
 class PromoteConfig(_Frozen):
@@ -487,6 +540,14 @@ class PromoteConfig(_Frozen):
         description="also require the metric to fall by at least this fraction of the champion's "
         "(e.g. 0.05); the only bar when no noise was measured (evaluate.repeats=1): None = never "
         "promote over a champion without measured noise",
+    )
+    max_memorized_share: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="refuse a model when more than this share of its samples is nearer the "
+        "training set than held-out images are (evaluate.metrics memorization; a model that "
+        "does not memorize scores about evaluate.memorization_quantile)",
     )
 
     @field_validator("model_name")
@@ -517,6 +578,75 @@ class RayConfig(_Frozen):
     )
 
 
+class LeaseConfig(_Frozen):
+    """One writer per run (`tasks.lease`): how long a lease outlives its holder's last renewal."""
+
+    timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="a run's or a model's lease expires this long after its holder last renewed "
+        "it (every third of it): a crashed run's lease is taken over after at most this long",
+    )
+
+
+# The kinds of object-store request a night counts (`tasks.usage`) and `prices` prices.
+RequestKind = Literal["list", "get", "head", "put", "part", "delete", "other"]
+
+
+class PricesConfig(_Frozen):
+    """What the cluster and the store charge, for the nightly report's cost line (README: Cost).
+    Unset kinds cost nothing."""
+
+    currency: str = "USD"
+    gpu_hour: float = Field(default=0.0, ge=0, description="per GPU-hour reserved")
+    cpu_hour: float = Field(default=0.0, ge=0, description="per CPU-hour used")
+    per_1000_requests: dict[RequestKind, float] = Field(
+        default_factory=dict,
+        description="per 1,000 object-store requests, by kind (list, get, head, put, part, "
+        "delete, other), e.g. {put: 0.005, part: 0.005, list: 0.005, get: 0.0004}",
+    )
+    gb_month: float = Field(default=0.0, ge=0, description="per GB (1e9 bytes) stored a month")
+
+    @field_validator("per_1000_requests")
+    @classmethod
+    def _not_negative(cls, v: dict[str, float]) -> dict[str, float]:
+        negative = {k: p for k, p in v.items() if p < 0}
+        if negative:
+            raise ValueError(f"request prices must not be negative: {negative}")
+        return v
+
+
+class RetentionConfig(_Frozen):
+    """What the store keeps (`tasks/retention/`, README: Retention): applied at the end of each
+    nightly when `enabled`, and by `diffpipe gc [--dry-run]`. The champion, its rollback chain's
+    checkpoint copies, the last `train.keep_checkpoints` checkpoints of each run, the last
+    `keep_nights` nights' sample sets, features, evaluations and report images, the reference
+    statistics of the datasets those nights used and the shards their manifests name are kept;
+    every other such artifact is deleted once nothing wrote to it for `grace_hours`."""
+
+    enabled: bool = Field(
+        default=True,
+        description="apply the policy at the end of each nightly (`diffpipe gc` applies it either way)",
+    )
+    keep_nights: int = Field(
+        default=7,
+        ge=1,
+        description="nights per run whose sample sets, features, evaluations and report images are kept",
+    )
+    grace_hours: float = Field(
+        default=48.0,
+        ge=0,
+        description="nothing written more recently than this is deleted (what a running job may "
+        "still read: a shard set being replaced, a sample set being scored)",
+    )
+    rollback_depth: int | None = Field(
+        default=None,
+        ge=1,
+        description="earlier champions along the rollback chain whose checkpoint copies are kept "
+        "(`diffpipe promote --rollback` goes back this far); None = every promoted model's copy",
+    )
+
+
 class PipelineConfig(_Frozen):
     storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
@@ -526,6 +656,9 @@ class PipelineConfig(_Frozen):
     evaluate: EvalConfig = EvalConfig()
     promote: PromoteConfig = PromoteConfig()
     ray: RayConfig = RayConfig()
+    lease: LeaseConfig = LeaseConfig()
+    prices: PricesConfig | None = None  # None: no cost line
+    retention: RetentionConfig = RetentionConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -535,6 +668,23 @@ class PipelineConfig(_Frozen):
             )
         if self.sample.guidance_scale != 1.0 and not self.model.class_conditional:
             raise ValueError("sample.guidance_scale != 1 needs model.class_conditional=true")
+        e, sc = self.evaluate, self.sample
+        if e.score_every:
+            scored = (e.score_seed_start, e.score_seed_start + e.score_repeats * e.score_images)
+            evaluated = (sc.seed_start, sc.seed_start + e.repeats * sc.num_images)
+            if scored[0] < evaluated[1] and evaluated[0] < scored[1]:
+                raise ValueError(
+                    f"the seeds scored during training [{scored[0]}, {scored[1]}) overlap the "
+                    f"evaluation's [{evaluated[0]}, {evaluated[1]}): the best checkpoint would "
+                    "be confirmed on the seeds that chose it; move evaluate.score_seed_start "
+                    "past the evaluation's seeds"
+                )
+            if e.score_images > sc.num_images:
+                raise ValueError(
+                    f"evaluate.score_images={e.score_images} exceeds sample.num_images="
+                    f"{sc.num_images}: the confirmation must score at least as many images as "
+                    "the selection; lower evaluate.score_images"
+                )
         return self
 
 
@@ -634,6 +784,12 @@ _Loader.add_implicit_resolver(
 
 def _load_yaml(text: str) -> Any:  # the document as YAML gives it; PipelineConfig checks it
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(text: str) -> Any:
+    """A YAML document read as a config file is (`1e-4` a number, no duplicate keys, no aliases):
+    for files beside the config that hold config values, e.g. a sweep's search space."""
+    return _load_yaml(text)
 
 
 class ConfigError(ValueError):

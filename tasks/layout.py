@@ -20,6 +20,7 @@ layout" section is tested against these functions (tests/unit/test_layout.py).
     stats/<dataset fingerprint>/<extractor sha16>-n<count>.npz
     extractors/<weights file>
     models/<name>/current.json  history.json  step-<step>.pt  step-<step>.json
+    runs/<run_id>/lease/lease.json  claim-<token>.json     models/<name>/lease/ (the same)
 """
 
 from __future__ import annotations
@@ -57,9 +58,14 @@ def _step(step: int) -> str:
 
 
 # -- datasets ------------------------------------------------------------------------------------
+def datasets_root() -> str:
+    """The folder of every shard set (what retention lists to find shards no manifest names)."""
+    return "datasets"
+
+
 def dataset_prefix(name: str, shard_set: str) -> str:
     """The folder every version of a source shares (`shard_set`: source + shard settings)."""
-    return f"datasets/{part(name, 'dataset name')}-{part(shard_set, 'shard set')[:12]}"
+    return f"{datasets_root()}/{part(name, 'dataset name')}-{part(shard_set, 'shard set')[:12]}"
 
 
 def dataset_manifest(prefix: str) -> str:
@@ -73,8 +79,13 @@ def dataset_shard(prefix: str, split: Split, chunk: str) -> str:
 
 
 # -- runs: config, checkpoints -------------------------------------------------------------------
+def runs_root() -> str:
+    """The folder of every training run."""
+    return "runs"
+
+
 def run_prefix(run_id: str) -> str:
-    return f"runs/{part(run_id, 'run id')}"
+    return f"{runs_root()}/{part(run_id, 'run id')}"
 
 
 def run_config(run_id: str) -> str:
@@ -198,8 +209,13 @@ def sample_set_name(step: int, sampler: str, steps: int, digest: str) -> str:
     return f"step-{_step(step)}-{part(sampler, 'sampler')}-{steps}-{part(digest, 'digest')}"
 
 
+def sample_sets_prefix(run_id: str) -> str:
+    """The folder of every sample set of the run."""
+    return f"{run_prefix(run_id)}/samples"
+
+
 def sample_set_prefix(run_id: str, set_name: str) -> str:
-    return f"{run_prefix(run_id)}/samples/{part(set_name, 'sample set')}"
+    return f"{sample_sets_prefix(run_id)}/{part(set_name, 'sample set')}"
 
 
 def sample_weights(set_prefix: str) -> str:
@@ -231,8 +247,13 @@ def sample_features(set_prefix: str, extractor_sha256: str, n: int) -> str:
     return f"{set_prefix}/features/{sha}/shard-{_index(n)}.npz"
 
 
+def evals_prefix(run_id: str) -> str:
+    """The folder of every evaluation of the run (one per sample set, named as it)."""
+    return f"{run_prefix(run_id)}/eval"
+
+
 def eval_prefix(run_id: str, set_name: str) -> str:
-    return f"{run_prefix(run_id)}/eval/{part(set_name, 'sample set')}"
+    return f"{evals_prefix(run_id)}/{part(set_name, 'sample set')}"
 
 
 def eval_metrics(prefix: str) -> str:
@@ -253,8 +274,13 @@ def night_stamp(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
+def nightlies_prefix(run_id: str) -> str:
+    """The folder of every night's report of the run (and `nightly_latest`)."""
+    return f"{run_prefix(run_id)}/nightly"
+
+
 def nightly_prefix(run_id: str, stamp: str) -> str:
-    return f"{run_prefix(run_id)}/nightly/{part(stamp, 'nightly stamp')}"
+    return f"{nightlies_prefix(run_id)}/{part(stamp, 'nightly stamp')}"
 
 
 def nightly_report(prefix: str) -> str:
@@ -266,11 +292,12 @@ def nightly_report_html(prefix: str) -> str:
     return f"{prefix}/report.html"
 
 
-NightlyFigure = Literal["grid", "loss", "fid"]
+NightlyFigure = Literal["grid", "loss", "fid", "scores"]
 
 
 def nightly_figure(prefix: str, figure: NightlyFigure) -> str:
-    """A figure of the night's report (sample grid, loss curve, FID over nights) beside report.md."""
+    """A figure of the night's report (sample grid, loss curve, FID over nights, scores over
+    steps) beside report.md."""
     return f"{prefix}/{part(figure, 'figure')}.png"
 
 
@@ -279,17 +306,29 @@ def nightly_summary(prefix: str) -> str:
 
 
 def nightly_latest(run_id: str) -> str:
-    return f"{run_prefix(run_id)}/nightly/latest.json"
+    return f"{nightlies_prefix(run_id)}/latest.json"
 
 
 # -- evaluation caches ---------------------------------------------------------------------------
 def reference_stats(fingerprint: str, extractor_sha256: str, count: int) -> str:
     sha = part(extractor_sha256, "extractor sha256")[:16]
-    return f"stats/{part(fingerprint, 'dataset fingerprint')}/{sha}-n{count}.npz"
+    return f"{reference_stats_prefix(fingerprint)}/{sha}-n{count}.npz"
+
+
+def training_features(fingerprint: str, extractor_sha256: str, count: int) -> str:
+    """Pool features of the first `count` training images (the memorization check's neighbours);
+    beside the reference statistics, not under their prefix's `-n<count>` names."""
+    sha = part(extractor_sha256, "extractor sha256")[:16]
+    return f"stats-train/{part(fingerprint, 'dataset fingerprint')}/{sha}-n{count}.npz"
+
+
+def stats_root() -> str:
+    """The folder of every dataset's cached reference statistics."""
+    return "stats"
 
 
 def reference_stats_prefix(fingerprint: str) -> str:
-    return f"stats/{part(fingerprint, 'dataset fingerprint')}"
+    return f"{stats_root()}/{part(fingerprint, 'dataset fingerprint')}"
 
 
 def extractor(filename: str) -> str:
@@ -301,8 +340,13 @@ def extractors_prefix() -> str:
 
 
 # -- promoted models -----------------------------------------------------------------------------
+def models_root() -> str:
+    """The folder of every promoted model."""
+    return "models"
+
+
 def model_prefix(name: str) -> str:
-    return f"models/{part(name, 'model name')}"
+    return f"{models_root()}/{part(name, 'model name')}"
 
 
 def model_current(name: str) -> str:
@@ -326,3 +370,64 @@ def model_champion(name: str, step: int) -> str:
 def is_model_champion(name: str, key: str) -> bool:
     """Whether `key` is a champion record of model `name` (`model_champion(name, step)`)."""
     return re.fullmatch(re.escape(model_prefix(name)) + r"/step-\d+\.json", key) is not None
+
+
+# -- leases: one writer per run, one promotion of a model at a time ------------------------------
+def run_lease_prefix(run_id: str) -> str:
+    """The lease folder of a run: the nightly and `diffpipe train` hold it (`tasks.lease`)."""
+    return f"{run_prefix(run_id)}/lease"
+
+
+def model_lease_prefix(name: str) -> str:
+    """The lease folder of a promoted model: promotions, rollbacks and repairs hold it."""
+    return f"{model_prefix(name)}/lease"
+
+
+def lease_object(prefix: str) -> str:
+    """The lease itself, created only where none exists and replaced only by its holder."""
+    return f"{prefix}/lease.json"
+
+
+def lease_claim(prefix: str, token: str) -> str:
+    """One contender's claim, for stores without conditional writes (the compare-and-swap
+    fallback of `tasks.lease`)."""
+    return f"{prefix}/claim-{part(token, 'lease token')}.json"
+
+
+def is_lease_claim(prefix: str, key: str) -> bool:
+    """Whether `key` is a claim `lease_claim(prefix, token)` built."""
+    return re.fullmatch(re.escape(prefix) + r"/claim-[A-Za-z0-9]+\.json", key) is not None
+
+
+# -- sweeps over training settings: trials are ordinary runs, the sweep's own files here ---------
+def sweep_prefix(name: str) -> str:
+    """One `diffpipe sweep` (its trials are the runs `<name>-tNN`, under runs/)."""
+    return f"sweeps/{part(name, 'sweep name')}"
+
+
+def sweep_trial(prefix: str, trial_id: str) -> str:
+    """A trial's `SweepTrial` record: its settings and each segment's score and cost."""
+    return f"{prefix}/trials/{part(trial_id, 'trial id')}.json"
+
+
+def sweep_record(prefix: str) -> str:
+    """The `SweepResult` record the report renders."""
+    return f"{prefix}/sweep.json"
+
+
+def sweep_report(prefix: str) -> str:
+    return f"{prefix}/report.md"
+
+
+def sweep_report_html(prefix: str) -> str:
+    return f"{prefix}/report.html"
+
+
+def sweep_figure(prefix: str) -> str:
+    """FID over steps, one line per trial."""
+    return f"{prefix}/fid.png"
+
+
+def sweep_tune_prefix(prefix: str) -> str:
+    """Ray Tune's experiment folder (its state, from which a killed sweep resumes)."""
+    return f"{prefix}/tune"

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from typing import Any
 
+from tasks import usage
 from tasks.config import RayConfig
 from tasks.runtime import ray_temp_root, setup_process, temp_prefix
 
@@ -43,6 +44,7 @@ def ensure_ray(cfg: RayConfig) -> None:
     import ray
 
     if ray.is_initialized():
+        usage.start_ledger(on_driver_node())  # Ray may have been started by another caller
         return
     address = cfg.address
     if address:
@@ -51,6 +53,8 @@ def ensure_ray(cfg: RayConfig) -> None:
     else:
         log.info("starting a local Ray cluster (num_cpus=%s)", cfg.num_cpus or "all")
         _start_local_cluster(cfg)
+    # Where the workers report what they did (`tasks.usage`): it lives as long as this driver.
+    usage.start_ledger(on_driver_node())
 
 
 def _start_local_cluster(cfg: RayConfig) -> None:

@@ -25,6 +25,7 @@ from diffusion_core.unet import UNetConfig
 from tasks import layout
 from tasks.config import DataConfig, ModelConfig, SampleConfig
 from tasks.storage import Store
+from tasks.usage import Cost, Usage
 
 
 class RecordFormatError(ValueError):
@@ -200,11 +201,35 @@ class Checkpoint(Record):
         return data
 
 
+MetricName = Literal["fid", "kid"]
+
+
+class CheckpointScore(_Model):
+    """One checkpoint scored while training ran (`evaluate.score_every`): a small sample set on
+    seed ranges of its own (`evaluate.score_seed_start` on), so a checkpoint chosen by these
+    scores is confirmed on other seeds."""
+
+    step: int
+    metric: MetricName
+    mean: float
+    std: float | None  # over the seed ranges; None with one range
+    values: list[float]  # one per seed range
+    num_images: int  # per seed range
+    metrics_key: str  # the evaluation's metrics.json
+
+    def describe(self) -> str:
+        return with_noise(self.mean, self.std, len(self.values), f", n={self.num_images}")
+
+
 class TrainResult(_Model):
     checkpoint: Checkpoint
     resumed_from: int | None
     trained_steps: int
     loss: float | None  # mean over the last logging window, all ranks; None when nothing ran
+    # With `evaluate.score_every`: this stage's scored checkpoints, and the best of them (the
+    # nightly's challenger, which it confirms at full n); else empty and None.
+    scores: list[CheckpointScore] = []
+    best: Checkpoint | None = None
 
 
 class LogWindow(_Model):
@@ -226,6 +251,9 @@ class TrainHistory(Record):
     format: Literal["diffusion-pipeline/train-history@1"] = "diffusion-pipeline/train-history@1"
     run_id: str
     windows: list[LogWindow]
+    # Checkpoints scored while training ran (`evaluate.score_every`), by step; absent in older
+    # histories.
+    scores: list[CheckpointScore] = []
 
 
 # -- sample --------------------------------------------------------------------------------------
@@ -305,7 +333,6 @@ class ExtractorRecord(_Model):
     source: str
 
 
-MetricName = Literal["fid", "kid"]
 # The metrics measured on each repeat (one of them decides promotion), in the order reports list
 # them; IS is measured within a repeat only.
 METRICS: tuple[MetricName, ...] = get_args(MetricName)
@@ -354,6 +381,21 @@ class Metrics(Record):
     kid_subsets: int | None = None
     isc_mean: float | None = None
     isc_std: float | None = None
+    # Beside FID (README: Metrics beside FID); absent in records written before them.
+    precisions: list[float] = []  # one per repeat, on the FID features (torch-fidelity's prc)
+    recalls: list[float] = []
+    precision: float | None = None  # mean over the repeats
+    recall: float | None = None
+    memorized_shares: list[float] = []  # per repeat: samples nearer the training set than tau
+    memorized_share: float | None = None  # mean over the repeats
+    memorization_threshold: float | None = None  # tau, in feature units
+    memorization_quantile: float | None = None  # q: tau's quantile of held-out distances
+    num_training_images: int | None = None
+    fd_dinov2s: list[float] = []  # Frechet distance on DINOv2 ViT-S/14 features, per repeat
+    fd_dinov2: float | None = None
+    fd_dinov2_std: float | None = None
+    dinov2_weights_sha256: str | None = None
+    skipped: list[str] = []  # metrics asked for but not computed, each with why
     extractor: ExtractorRecord
     provenance: Provenance | None = None
     problems: list[str] = []  # why these numbers must not be trusted (degenerate samples, ...)
@@ -404,6 +446,11 @@ class Metrics(Record):
             "kid_std": self.kid_std,
             "isc_mean": self.isc_mean,
             "isc_std": self.isc_std,
+            "precision": self.precision,
+            "recall": self.recall,
+            "memorized_share": self.memorized_share,
+            "fd_dinov2": self.fd_dinov2,
+            "fd_dinov2_std": self.fd_dinov2_std,
         }
         return {name: value for name, value in named.items() if value is not None}
 
@@ -465,6 +512,8 @@ class PromotionEvidence(_Model):
     min_improvement: float | None = None  # promote.min_improvement (relative)
     threshold: float | None = None  # the improvement required, in metric units
     detectable: float | None = None  # threshold / champion mean: smaller improvements are noise
+    memorized_share: float | None = None  # the challenger's, when measured
+    max_memorized_share: float | None = None  # promote.max_memorized_share
 
 
 class PromotionDecision(_Model):
@@ -644,12 +693,13 @@ class EmaChoice(Record):
 
 # -- nightly -------------------------------------------------------------------------------------
 class StageTiming(_Model):
-    """One stage of a nightly: its wall time and what it did."""
+    """One stage of a nightly: its wall time, what it did and what it used (`tasks.usage`)."""
 
     name: str
     seconds: float
     reused: bool | None = None  # its result already existed (None: the stage never reuses)
     detail: str
+    usage: Usage | None = None  # None: recorded before usage was counted
 
 
 class NightlySummary(Record):
@@ -670,3 +720,91 @@ class NightlySummary(Record):
     report_key: str  # report.md
     report_html_key: str
     report_url: str  # of report.html
+    cost: Cost | None = None  # the stages' usage at the configured `prices` (None: no prices)
+    # With `evaluate.score_every`: the night's checkpoints scored while training ran; the
+    # challenger is the best of them (`checkpoint_key`), confirmed by `metrics` on fresh seeds.
+    scores: list[CheckpointScore] = []
+
+
+# -- sweeps over training settings -----------------------------------------------------------------
+SweepStatus = Literal["finished", "stopped", "budget", "not started", "running", "failed"]
+
+
+class SegmentScore(_Model):
+    """One segment of a sweep trial: trained up to `step` (the run's exact resume), then its
+    checkpoint scored on the small seed ranges of `evaluate.score_*`, and what it cost."""
+
+    step: int
+    fid: float
+    fid_std: float | None  # over the seed ranges; None with one range
+    values: list[float]  # one per seed range
+    num_images: int  # per seed range
+    metrics_key: str
+    checkpoint_key: str
+    train_s: float  # wall seconds of the segment's training
+    score_s: float  # wall seconds of its sampling and scoring
+    device_s: float  # the device-seconds it reserved (`tasks.sweep.budget.segment_cost`)
+
+
+class SweepTrial(Record):
+    """`sweeps/<name>/trials/<trial_id>.json`: one trial (an ordinary run, `run_id`) of a sweep,
+    rewritten after each segment it finishes."""
+
+    format: Literal["diffusion-pipeline/sweep-trial@1"] = "diffusion-pipeline/sweep-trial@1"
+    sweep: str
+    trial_id: str
+    run_id: str
+    settings: dict[str, float | int | str | bool | None]  # the searched fields, dotted
+    seed: int  # train.seed
+    config_id: str  # trials with the same settings (training-seed repeats) share it
+    target_step: int
+    segments: list[SegmentScore] = []
+    starts: int = 0  # how many times the trial function started (1 unless resumed)
+    budget_stop: bool = False  # ended because its next segment could cross the budget
+
+    @property
+    def step(self) -> int:
+        return self.segments[-1].step if self.segments else 0
+
+    @property
+    def device_s(self) -> float:
+        return sum(s.device_s for s in self.segments)
+
+
+class TrialOutcome(_Model):
+    """A trial as the sweep ended it: its record and how it ended."""
+
+    trial: SweepTrial
+    status: SweepStatus
+
+
+class SeedSpread(_Model):
+    """The final FIDs of one setting's training-seed repeats at the last step they all reached,
+    beside the sampling noise (the mean std over seed ranges)."""
+
+    config_id: str
+    step: int
+    fids: list[float]
+    seed_std: float | None  # std over training seeds; None with one seed
+    sampling_std: float | None
+
+
+class SweepResult(Record):
+    """`sweeps/<name>/sweep.json`: every trial, the budget, the winner and its confirmation."""
+
+    format: Literal["diffusion-pipeline/sweep@1"] = "diffusion-pipeline/sweep@1"
+    name: str
+    scheduler: str  # 'asha (grace 2 segments, reduction 2)'
+    budget_device_s: float | None
+    device_unit: str  # 'CPU' or 'GPU'
+    spent_device_s: float
+    budget_note: str | None  # where the budget stopped the sweep; None when it did not
+    trials: list[TrialOutcome]
+    spreads: list[SeedSpread]
+    winner: str | None  # trial id
+    confirmation: Metrics | None  # the winner's final checkpoint at full n, evaluation seeds
+    handoff: str | None  # the command that hands the winning run to the nightly
+    report_key: str
+    report_html_key: str
+    report_url: str
+    created: str

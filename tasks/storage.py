@@ -27,12 +27,15 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal, TypeVar
 
 import fsspec
 
-from tasks.config import StorageConfig
+from tasks import usage
+from tasks.config import RequestKind, StorageConfig
 from tasks.retry import STORE_CONNECT_TIMEOUT_S, RetryBudgetSpent, retry_transient
 
 if TYPE_CHECKING:
@@ -63,6 +66,18 @@ _CREDENTIALS_HELP = (
     "instance or container role grants them; on a Ray cluster every node needs them in its own "
     "environment or role."
 )
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as a listing shows it: its key, size in bytes and when it was last written."""
+
+    key: str
+    bytes: int
+    written: datetime
+
+
+Listing = list[StoredObject]  # `Store.walk`'s answer (the class's own `list` is a method)
 
 
 class StorageError(RuntimeError):
@@ -158,6 +173,8 @@ class Store:
             }
             # Cached listings go stale when another process (a Ray worker) writes the same prefix.
             options["use_listings_cache"] = False
+            # Its clients count every request the store answers (`tasks.usage`).
+            options["session"] = usage.counted_session()
         self.fs = fsspec.filesystem(self.protocol, **options)
         if self.is_local:
             # Taken literally: no URL decoding, so spaces, '#', '?' and '%' stay what they are.
@@ -260,18 +277,30 @@ class Store:
             raise ValueError(f"{path!r} is not below the storage root {self.config.root!r}")
         return path[len(root) :]
 
+    def _count_local(self, kind: RequestKind, *, read: int = 0, written: int = 0) -> None:
+        """Count a local file operation as the request it stands for (S3's are counted by the
+        client's events: `tasks.usage`)."""
+        if self.is_local:
+            usage.count_request(kind, read=read, written=written)
+
     # -- reads --------------------------------------------------------------------------------
     def exists(self, key: str) -> bool:
         path = self.path(key)
+        self._count_local("head")
         return self._retry(lambda: bool(self.fs.exists(path)), f"checking {self.url(key)}")
 
     def size(self, key: str) -> int:
         path = self.path(key)
+        self._count_local("head")
         return self._retry(lambda: int(self.fs.size(path)), f"sizing {self.url(key)}")
 
     def read_bytes(self, key: str) -> bytes:
         path = self.path(key)
-        return self._retry(lambda: bytes(self.fs.cat_file(path)), f"reading {self.url(key)}")
+        self._count_local("get")  # a missing object's GET is a request too
+        data = self._retry(lambda: bytes(self.fs.cat_file(path)), f"reading {self.url(key)}")
+        if self.is_local:
+            usage.count_read(len(data))
+        return data
 
     def read_json(self, key: str) -> Any:  # decoded JSON: its shape is the caller's record type
         return json.loads(self.read_bytes(key))
@@ -281,8 +310,9 @@ class Store:
         it stopped, so a long read (a training shard) rides the outage out too."""
         path, what = self.path(key), f"reading {self.url(key)}"
         if self.is_local:
-            f: IO[bytes] = self.fs.open(path, "rb")
-            return f
+            self._count_local("get")
+            f = self.fs.open(path, "rb")
+            return io.BufferedReader(usage.CountingReader(f), 1 << 16)
         remote = self._retry(lambda: self.fs.open(path, "rb"), what)
         return io.BufferedReader(_ResumingReader(remote, self, what))
 
@@ -295,8 +325,29 @@ class Store:
             )
         except FileNotFoundError:
             return []
+        finally:
+            self._count_local("list")
         keys = [self.key_of(e["name"]) for e in entries if e.get("type") != "directory"]
         return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith(".tmp-"))
+
+    def walk(self, prefix: str = "") -> Listing:
+        """Every object below `prefix`, at any depth, with its size and last write, sorted by
+        key; [] when there is none. One listing (paged on S3), no object is read."""
+        path = self.path(prefix)
+        try:
+            found = self._retry(
+                lambda: self.fs.find(path, detail=True), f"listing {self.url(prefix)} (all levels)"
+            )
+        finally:
+            self._count_local("list")
+        objects = []
+        for name, info in found.items():
+            key = self.key_of(name)
+            if info.get("type") == "directory" or key.rsplit("/", 1)[-1].startswith(".tmp-"):
+                continue
+            written = info.get("LastModified") or datetime.fromtimestamp(info["mtime"], UTC)
+            objects.append(StoredObject(key, int(info["size"]), written.astimezone(UTC)))
+        return sorted(objects, key=lambda o: o.key)
 
     def sha256(self, key: str) -> str:
         with self.open_read(key) as f:
@@ -310,6 +361,8 @@ class Store:
         if self.is_local:
             with atomic_local_file(target) as f:
                 yield f
+                f.flush()
+                self._count_local("put", written=os.fstat(f.fileno()).st_size)
             return
         with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
             yield spool
@@ -344,6 +397,7 @@ class Store:
         if self.is_local:
             with atomic_local_file(self.path(key)) as f:
                 f.write(data)
+            self._count_local("put", written=len(data))
             return
         self._upload(io.BytesIO(data), key)
 
@@ -355,6 +409,7 @@ class Store:
 
     def delete(self, key: str) -> None:
         path = self.path(key)
+        self._count_local("delete")
         with contextlib.suppress(FileNotFoundError):
             self._retry(lambda: self.fs.rm(path), f"deleting {self.url(key)}")
 

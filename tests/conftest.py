@@ -61,7 +61,9 @@ def ray_cluster(s3_endpoint):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": always a cluster of the session's own, never one another process
+        # started with `ray start` (which Ray would otherwise find through /tmp/ray).
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

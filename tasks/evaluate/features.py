@@ -17,7 +17,7 @@ import hashlib
 import itertools
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
 import numpy as np
@@ -31,8 +31,10 @@ from torch_fidelity.metric_isc import (
 from diffusion_core.fid import FeatureMoments, kernel_inception_distance
 from tasks.config import EvalConfig, StorageConfig
 from tasks.evaluate.inception import FEATURES, ExtractorInfo, load_extractor, resolve_extractor
+from tasks.evaluate.neighbours import memorized_share, precision_recall
 from tasks.npz import DamagedCacheError, read_npz, write_npz
 from tasks.storage import Store, open_store, sha256_file
+from tasks.usage import reported
 from tasks.webdata import DecodedSample, decode_sample, iter_raw_samples
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,9 @@ class ScoreJob:
     kid_subset_size: int
     kid: bool
     isc: bool
+    prc: bool = False  # precision and recall against the reference features
+    training_key: str | None = None  # the cached training features (memorization)
+    memorization_threshold: float | None = None  # tau (`tasks.evaluate.neighbours`)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,9 @@ class RepeatScores:
     kid_std: float | None = None
     isc_mean: float | None = None
     isc_std: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    memorized_share: float | None = None
 
 
 class WorkerPool(Protocol):
@@ -144,6 +152,7 @@ class FeatureWorker:
         self.extractor = _locate(extractor, cfg, self.store)
         self.model = load_extractor(self.extractor, self.device)
 
+    @reported
     def shard(self, job: ShardJob) -> ShardFeatures:
         if job.features_key is not None:
             stored = self._stored(job)
@@ -227,6 +236,7 @@ class FeatureWorker:
             device=device_name(self.device),
         )
 
+    @reported
     def scores(self, job: ScoreJob) -> RepeatScores:
         parts = [read_stored_features(self.store, key)[0] for key in job.features_keys]
         result = RepeatScores(repeat=job.repeat)
@@ -256,6 +266,26 @@ class FeatureWorker:
                 isc_mean=float(isc[KEY_METRIC_ISC_MEAN]),
                 isc_std=float(isc[KEY_METRIC_ISC_STD]),
             )
+        return self._neighbour_scores(job, parts, result)
+
+    def _neighbour_scores(
+        self, job: ScoreJob, parts: list[dict[str, np.ndarray]], result: RepeatScores
+    ) -> RepeatScores:
+        """Precision/recall and the memorized share of one repeat (`tasks.evaluate.neighbours`)."""
+        if not job.prc and job.training_key is None:
+            return result
+        samples = np.concatenate([p[_POOL] for p in parts])
+        if job.prc:
+            assert job.reference_key is not None
+            reference = read_npz(self.store, job.reference_key, ["features"]).arrays["features"]
+            pr = precision_recall(samples, reference)
+            if pr is not None:
+                result = replace(result, precision=pr[0], recall=pr[1])
+        if job.training_key is not None:
+            assert job.memorization_threshold is not None
+            train = read_npz(self.store, job.training_key, ["features"]).arrays["features"]
+            share = memorized_share(samples, train, job.memorization_threshold)
+            result = replace(result, memorized_share=share)
         return result
 
 

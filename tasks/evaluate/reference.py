@@ -27,6 +27,9 @@ from tasks.storage import Store
 log = logging.getLogger(__name__)
 
 
+_NAMES: dict[layout.Split, str] = {"holdout": "held-out", "train": "training"}
+
+
 @dataclass(frozen=True)
 class ReferenceStats:
     """Pool features of the held-out split and their moments, as cached in the store."""
@@ -66,7 +69,7 @@ def reference_features(
         return cached
 
     pool = pool or LocalPool(FeatureWorker(store.config, cfg, extractor, manifest.channels))
-    features = _extract(store, manifest, count, pool)
+    features = extract_split(store, manifest, count, pool)
     mu, sigma = feature_moments(features)
     meta |= {
         "extractor_label": extractor.label,
@@ -96,11 +99,17 @@ def _cached(store: Store, key: str, expected: dict[str, str | int]) -> Reference
     return ReferenceStats(key, features, mu, sigma, int(str(meta["count"])), computed=False)
 
 
-def _extract(store: Store, manifest: DatasetManifest, count: int, pool: WorkerPool) -> np.ndarray:
-    """float32 [count, 2048]: the pool features of the first `count` held-out images."""
+def extract_split(
+    store: Store,
+    manifest: DatasetManifest,
+    count: int,
+    pool: WorkerPool,
+    split: layout.Split = "holdout",
+) -> np.ndarray:
+    """float32 [count, 2048]: the pool features of the first `count` images of `split`."""
     jobs: list[ShardJob] = []
     left = count
-    for shard in manifest.split("holdout").shards:
+    for shard in manifest.split(split).shards:
         if left <= 0:
             break
         take = min(shard.count, left)
@@ -108,10 +117,10 @@ def _extract(store: Store, manifest: DatasetManifest, count: int, pool: WorkerPo
         left -= take
     if left > 0:
         raise ValueError(
-            f"the held-out shards of {store.url(manifest.key)} hold {count - left} images, "
+            f"the {_NAMES[split]} shards of {store.url(manifest.key)} hold {count - left} images, "
             f"the manifest promises {count}; rerun the shard stage"
         )
-    progress = Progress("reference features", count)
+    progress = Progress(f"{'reference' if split == 'holdout' else split} features", count)
     parts: dict[int, np.ndarray] = {}
     for result in pool.map_shards(jobs):
         assert result.features is not None

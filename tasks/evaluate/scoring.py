@@ -28,6 +28,7 @@ from typing import TypedDict
 from diffusion_core.fid import FeatureMoments, frechet_distance
 from tasks import layout
 from tasks.config import EvalConfig
+from tasks.evaluate.dinov2 import DinoFields, fd_dinov2_fields, skip_reason
 from tasks.evaluate.features import (
     KID_SUBSETS,
     FeatureWorker,
@@ -40,7 +41,9 @@ from tasks.evaluate.features import (
     WorkerPool,
 )
 from tasks.evaluate.inception import ExtractorInfo, provenance, resolve_extractor
+from tasks.evaluate.neighbours import memorization_threshold
 from tasks.evaluate.reference import ReferenceStats, reference_features
+from tasks.evaluate.training import TrainingFeatures, training_features
 from tasks.jobs import Progress
 from tasks.records import METRICS, DatasetManifest, Metrics, MetricSample, SampleSet
 from tasks.storage import Store
@@ -67,6 +70,47 @@ class KidFields(TypedDict, total=False):
 class IscFields(TypedDict, total=False):
     isc_mean: float | None
     isc_std: float | None
+
+
+class NeighbourFields(TypedDict, total=False):
+    precisions: list[float]
+    recalls: list[float]
+    precision: float | None
+    recall: float | None
+    memorized_shares: list[float]
+    memorized_share: float | None
+    memorization_threshold: float | None
+    memorization_quantile: float | None
+    num_training_images: int | None
+
+
+def neighbour_fields(
+    per_repeat: list[RepeatScores],
+    cfg: EvalConfig,
+    train: TrainingFeatures | None,
+    threshold: float | None,
+) -> NeighbourFields:
+    """Precision, recall and the memorized share of each repeat, and their means."""
+    fields = NeighbourFields()
+    if "prc" in cfg.metrics:
+        precisions = [s.precision for s in per_repeat if s.precision is not None]
+        recalls = [s.recall for s in per_repeat if s.recall is not None]
+        fields |= NeighbourFields(
+            precisions=precisions,
+            recalls=recalls,
+            precision=_mean(precisions),
+            recall=_mean(recalls),
+        )
+    if train is not None:
+        shares = [s.memorized_share for s in per_repeat if s.memorized_share is not None]
+        fields |= NeighbourFields(
+            memorized_shares=shares,
+            memorized_share=_mean(shares),
+            memorization_threshold=threshold,
+            memorization_quantile=cfg.memorization_quantile,
+            num_training_images=train.count,
+        )
+    return fields
 
 
 def fid_fields(moments: list[FeatureMoments], ref: ReferenceStats) -> FidFields:
@@ -120,14 +164,36 @@ def evaluate_samples(
     jobs = _sample_jobs(samples, cfg.repeats, extractor.sha256)
     extracted = _extract(pool, jobs, cfg.repeats, cfg.repeats * samples.num_images)
     want = set(cfg.metrics)
-    ref = (
-        reference_features(store, dataset, extractor, cfg, pool) if want & {"fid", "kid"} else None
+    needs_ref = {"fid", "kid", "prc", "memorization", "fd_dinov2"}
+    ref = reference_features(store, dataset, extractor, cfg, pool) if want & needs_ref else None
+    skipped = [reason] if (reason := skip_reason(cfg)) else []
+    train = (
+        training_features(store, dataset, extractor, cfg, pool) if "memorization" in want else None
     )
+    if "memorization" in want and train is None:
+        skipped.append("memorization check skipped: the dataset has no training split")
+    tau = (
+        memorization_threshold(ref.features, train.features, cfg.memorization_quantile)
+        if train is not None and ref is not None
+        else None
+    )
+    for line in skipped:
+        log.warning("%s", line)
     subset_size = _kid_subset_size(cfg, samples.num_images, ref)
-    per_repeat = _repeat_scores(pool, jobs, cfg, ref, subset_size) if want & {"kid", "isc"} else []
+    per_repeat = (
+        _repeat_scores(pool, jobs, cfg, ref, subset_size, train, tau)
+        if want & {"kid", "isc", "prc"} or train is not None
+        else []
+    )
     fid = fid_fields(extracted.moments, ref) if "fid" in want and ref else FidFields()
     kid = kid_fields(per_repeat, subset_size) if "kid" in want else KidFields()
     isc = isc_fields(per_repeat) if "isc" in want else IscFields()
+    near = neighbour_fields(per_repeat, cfg, train, tau)
+    dino = (
+        fd_dinov2_fields(store, cfg, dataset, samples, ref.count)
+        if "fd_dinov2" in want and not skip_reason(cfg) and ref is not None
+        else DinoFields()
+    )
     problems = _problems(extracted.checks, cfg.repeats * samples.num_images)
     for problem in problems:
         log.warning("sample set %s: %s", store.url(samples.key), problem)
@@ -135,6 +201,9 @@ def evaluate_samples(
         **fid,
         **kid,
         **isc,
+        **near,
+        **dino,
+        skipped=skipped,
         num_reference_images=ref.count if ref else None,
         reference_stats_key=ref.key if ref else None,
         run_id=samples.run_id,
@@ -150,7 +219,7 @@ def evaluate_samples(
         dataset_fingerprint=dataset.fingerprint,
         extractor=extractor.to_record(),
         provenance=provenance(extracted.devices),
-        problems=problems + _non_finite({**fid, **kid, **isc}),
+        problems=problems + _non_finite({**fid, **kid, **isc, **near, **dino}),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     metrics.write(store, metrics.key)
@@ -235,8 +304,11 @@ def _repeat_scores(
     cfg: EvalConfig,
     ref: ReferenceStats | None,
     subset_size: int,
+    train: TrainingFeatures | None = None,
+    tau: float | None = None,
 ) -> list[RepeatScores]:
-    """KID and IS of each repeat, scored by the pool from the features it kept in the store."""
+    """KID, IS, precision/recall and the memorized share of each repeat, scored by the pool from
+    the features it kept in the store."""
     score_jobs = [
         ScoreJob(
             repeat=j,
@@ -245,6 +317,9 @@ def _repeat_scores(
             kid_subset_size=subset_size,
             kid="kid" in cfg.metrics,
             isc="isc" in cfg.metrics,
+            prc="prc" in cfg.metrics and ref is not None,
+            training_key=train.key if train is not None and tau is not None else None,
+            memorization_threshold=tau,
         )
         for j in range(cfg.repeats)
     ]

@@ -22,6 +22,10 @@ Welch's unpaired test, which treated the shared spread as noise (`benchmarks/RES
 Records decided before the paired test (or evaluations without per-range scores) are weighed
 with the one-sided Welch test, `welch_test`. With k = 1 no noise was measured: only
 `promote.min_improvement` can promote over a champion.
+
+Whatever its score, a model whose memorized share (`tasks.evaluate.neighbours`: samples nearer
+the training set than held-out images are) exceeds `promote.max_memorized_share` is refused
+(`memorization_refusal`): a model that copies its training images scores a good FID.
 """
 
 from __future__ import annotations
@@ -149,6 +153,22 @@ def _noise_test(
     )
 
 
+def memorization_refusal(metrics: Metrics, cfg: PromoteConfig) -> str | None:
+    """The reason to refuse a model that memorizes, or None (not measured, or within the bar).
+
+    A model that does not memorize scores about `metrics.memorization_quantile` (0.05 by
+    default); the default bar, 0.5, refuses only a model that reproduces most of its samples."""
+    share = metrics.memorized_share
+    if share is None or share <= cfg.max_memorized_share:
+        return None
+    q = metrics.memorization_quantile or 0.0
+    return (
+        f"memorization: {share:.1%} of the samples lie nearer the training set than the "
+        f"nearest {q:.0%} of held-out images do (a model that does not memorize: about {q:.0%}), "
+        f"over promote.max_memorized_share {cfg.max_memorized_share:g}"
+    )
+
+
 def decide(
     cfg: PromoteConfig, metrics: Metrics, checkpoint: Checkpoint, champion: Champion | None
 ) -> tuple[bool, str, PromotionEvidence]:
@@ -159,12 +179,20 @@ def decide(
             f"promote.metric={cfg.metric!r} but the evaluation has no {cfg.metric}; add it to evaluate.metrics"
         )
     evidence = PromotionEvidence(
-        challenger=challenger, alpha=cfg.alpha, min_improvement=cfg.min_improvement
+        challenger=challenger,
+        alpha=cfg.alpha,
+        min_improvement=cfg.min_improvement,
+        memorized_share=metrics.memorized_share,
+        max_memorized_share=cfg.max_memorized_share
+        if metrics.memorized_share is not None
+        else None,
     )
     values = challenger.values or [challenger.mean]
     if not all(math.isfinite(v) for v in [challenger.mean, *values]) or metrics.problems:
         why = "; ".join(metrics.problems) or f"{cfg.metric} is {challenger.mean}"
         return False, f"the evaluation is not trustworthy: {why}", evidence
+    if refusal := memorization_refusal(metrics, cfg):
+        return False, refusal, evidence
     if champion is None:
         return True, f"no model promoted yet; {cfg.metric} {challenger.describe()}", evidence
     evidence = evidence.model_copy(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -154,3 +155,24 @@ def render_html(document: Document) -> str:
         out.append("</section>")
     out += [f"<script>{_SCRIPT}</script>", "</body></html>", ""]
     return "\n".join(out)
+
+
+# -- a rendered report whose images were pruned (retention) -------------------------------------
+_MD_IMAGE = re.compile(r"^!\[(?P<alt>[^\]\n]*)\]\((?P<figure>[a-z]+)\.png\)$", re.M)
+_HTML_IMAGE = re.compile(
+    r'<img id="(?P<figure>[a-z]+)" alt="(?P<alt>[^"]*)" src="data:image/png;base64,[A-Za-z0-9+/=]*">'
+)
+
+
+def markdown_without_images(markdown: str, note: str) -> str:
+    """A rendered Markdown document with each figure link replaced by what `render_markdown`
+    writes for a missing image, `<alt>: <note>`: the page as it was, its images gone."""
+    return _MD_IMAGE.sub(lambda m: f"_{m['alt']}: {note}_", markdown)
+
+
+def html_without_images(page: str, note: str) -> str:
+    """A rendered HTML page with each inlined figure replaced by what `render_html` writes for a
+    missing image, `<alt>: <note>`."""
+    return _HTML_IMAGE.sub(
+        lambda m: f'<p class="missing">{m["alt"]}{html.escape(": " + note)}</p>', page
+    )

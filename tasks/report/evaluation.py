@@ -5,7 +5,7 @@ sample grid and its settings. The evaluation's own report.md is these sections a
 
 from __future__ import annotations
 
-from tasks.records import METRICS, Metrics, MetricSample
+from tasks.records import METRICS, Metrics, MetricSample, with_noise
 from tasks.report.document import Document, Image, Section, Table, Text
 
 
@@ -43,6 +43,7 @@ def metrics_section(m: Metrics) -> Section:
         rows.append(
             ["IS", f"{_num(m.isc_mean)} ± {_num(m.isc_std, 2)} (std over splits)", "-", "-"]
         )
+    rows += beside_fid_rows(m)
     return Section(
         "metrics",
         "Metrics and their noise",
@@ -52,8 +53,51 @@ def metrics_section(m: Metrics) -> Section:
                 f"images; {noise}."
             ),
             Table(["metric", "mean ± std", "k", "per repeat"], rows),
+            *beside_fid_notes(m),
         ],
     )
+
+
+def _spread(values: list[float]) -> tuple[str, str, str]:
+    """(mean ± std, k, per repeat) of per-repeat values, as the FID row writes them."""
+    mean = sum(values) / len(values)
+    std = (
+        (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        if len(values) > 1
+        else None
+    )
+    return (
+        with_noise(mean, std, len(values)),
+        str(len(values)),
+        ", ".join(f"{v:#.4g}" for v in values),
+    )
+
+
+def beside_fid_rows(m: Metrics) -> list[list[str]]:
+    """Precision, recall, the memorized share and FD-DINOv2 (README: Metrics beside FID)."""
+    named = [
+        ("precision (realistic samples)", m.precisions),
+        ("recall (data covered)", m.recalls),
+        ("memorized share", m.memorized_shares),
+        ("FD-DINOv2", m.fd_dinov2s),
+    ]
+    return [[name, *_spread(values)] for name, values in named if values]
+
+
+def beside_fid_notes(m: Metrics) -> list[Text]:
+    """How to read the memorized share, and the metrics skipped (one line each)."""
+    notes = [Text(line + ".") for line in m.skipped]
+    if m.memorized_share is not None and m.memorization_quantile is not None:
+        notes.append(
+            Text(
+                f"Memorized share: samples nearer the training set ({m.num_training_images} "
+                f"training images) than the nearest {m.memorization_quantile:.0%} of held-out "
+                f"images are (distance < {_num(m.memorization_threshold)} in feature space); a "
+                f"model that does not memorize scores about {m.memorization_quantile:.0%}, one "
+                "that copies its training images near 100 %."
+            )
+        )
+    return notes
 
 
 def samples_section(grid: bytes | None) -> Section:

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from tasks.records import LogWindow, PromotionDecision
+from tasks.records import CheckpointScore, LogWindow, PromotionDecision
 from tasks.webdata import encode_png
 
 _SIZE = (7.0, 3.2)  # inches, at 100 dpi: 700 x 320 px
@@ -57,6 +57,42 @@ def loss_curve(windows: list[LogWindow], night_start: int | None = None) -> byte
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over ranks and window)")
     ax.grid(True, alpha=0.3)
+    return _png(fig)
+
+
+def metric_over_steps(
+    scores: list[CheckpointScore], chosen: int, confirmed: tuple[float, float | None] | None
+) -> bytes:
+    """The checkpoints scored while training ran (mean ± std over their seed ranges) against the
+    step; the chosen one ringed, and its confirmation at full n on fresh seeds beside it."""
+    fig = Figure(figsize=_SIZE, dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.errorbar(
+        [s.step for s in scores],
+        [s.mean for s in scores],
+        yerr=[s.std or 0.0 for s in scores],
+        fmt="o-",
+        color="tab:blue",
+        capsize=3,
+        label=f"scored while training (n={scores[0].num_images} per range, ± std)",
+    )
+    best = next(s for s in scores if s.step == chosen)
+    ax.plot([chosen], [best.mean], "o", markersize=12, markerfacecolor="none", color="tab:red")
+    if confirmed is not None:
+        mean, std = confirmed
+        ax.errorbar(
+            [chosen],
+            [mean],
+            yerr=[std or 0.0],
+            fmt="s",
+            color="tab:green",
+            capsize=3,
+            label="the chosen checkpoint, confirmed (fresh seeds, full n)",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel(scores[0].metric.upper())
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
     return _png(fig)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 
 from tasks import layout
+from tasks.config import PricesConfig
 from tasks.records import (
     Metrics,
     MetricSample,
@@ -35,8 +36,9 @@ from tasks.records import (
     TrainHistory,
     TrainResult,
 )
-from tasks.report import evaluation, figures
+from tasks.report import costs, evaluation, figures
 from tasks.report.document import (
+    Block,
     Document,
     Image,
     Section,
@@ -46,12 +48,22 @@ from tasks.report.document import (
     render_markdown,
 )
 from tasks.storage import Store
+from tasks.usage import cost
 from tasks.webdata import read_images
 
 log = logging.getLogger(__name__)
 
 # The sections every report has, in order (a test opens report.html and looks for each id).
-SECTIONS = ("metrics", "samples", "loss", "fid-over-nights", "promotion", "stages", "settings")
+SECTIONS = (
+    "metrics",
+    "samples",
+    "loss",
+    "checkpoints",
+    "fid-over-nights",
+    "promotion",
+    "stages",
+    "settings",
+)
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -121,6 +133,56 @@ def _train_history(store: Store, run_id: str) -> TrainHistory | None:
         return None
 
 
+def _checkpoints_section(summary: NightlySummary) -> Section:
+    """The checkpoints scored while training ran, the one chosen, and its confirmed score."""
+    scores = summary.scores
+    if not scores:
+        return Section(
+            "checkpoints",
+            "Checkpoints scored while training",
+            [
+                Text(
+                    "Not scored while training (evaluate.score_every=0): the challenger is the "
+                    "night's last checkpoint."
+                )
+            ],
+        )
+    chosen = next(
+        (s for s in scores if layout.checkpoint(summary.run_id, s.step) == summary.checkpoint_key),
+        None,
+    )
+    confirmed = MetricSample.of(summary.metrics, scores[0].metric)
+    rows = [[str(s.step), s.describe(), "chosen" if s is chosen else ""] for s in scores]
+    blocks: list[Block] = [
+        Text(
+            f"{len(scores)} checkpoint(s) scored while training, each on "
+            f"{len(scores[0].values)} seed range(s) of {scores[0].num_images} images that the "
+            "evaluation never uses. The lowest is the night's challenger; picked as the best of "
+            "several noisy scores, its score is biased low (the winner's curse), so it was "
+            "scored again on the evaluation's own seed ranges at full n: that confirmed score, "
+            "not the selection's, meets the promotion gate."
+        ),
+        Table(["step", f"{scores[0].metric.upper()} (selection)", ""], rows),
+    ]
+    if chosen is not None and confirmed is not None:
+        blocks.append(
+            Text(
+                f"Chosen: step {chosen.step}: {chosen.describe()} when chosen; confirmed "
+                f"{confirmed.describe(f', n={summary.metrics.num_images}')}.",
+                "strong",
+            )
+        )
+    png = (
+        figures.metric_over_steps(
+            scores, chosen.step, (confirmed.mean, confirmed.std) if confirmed else None
+        )
+        if chosen is not None
+        else None
+    )
+    blocks.append(Image("scores", png, "scores over steps", "no checkpoint was chosen"))
+    return Section("checkpoints", "Checkpoints scored while training", blocks)
+
+
 def _decisions(store: Store, decision: PromotionDecision) -> list[PromotionDecision]:
     history = PromotionHistory.read_or_none(store, layout.model_history(decision.model_name))
     decisions = [d for d in (history.decisions if history else []) if d.metric == decision.metric]
@@ -152,6 +214,7 @@ def build_report(store: Store, summary: NightlySummary) -> Document:
                 Image("loss", loss, "training loss curve", "no training history recorded"),
             ],
         ),
+        _checkpoints_section(summary),
         Section(
             "fid-over-nights",
             f"{d.metric.upper()} over nights",
@@ -174,7 +237,12 @@ def build_report(store: Store, summary: NightlySummary) -> Document:
             ],
         ),
         Section(
-            "stages", "Stages", [Table(["stage", "took", "result"], _stage_rows(summary.stages))]
+            "stages",
+            "Stages",
+            [
+                Table(["stage", "took", "result"], _stage_rows(summary.stages)),
+                *costs.usage_blocks(summary),
+            ],
         ),
         evaluation.settings_section(m),
     ]
@@ -208,9 +276,12 @@ def nightly_summary(
     metrics: Metrics,
     decision: PromotionDecision,
     stages: list[StageTiming],
+    prices: PricesConfig | None = None,
 ) -> NightlySummary:
-    """The night's record, naming where its report goes (`write_nightly_report` writes it)."""
+    """The night's record, naming where its report goes (`write_nightly_report` writes it);
+    with `prices`, what the stages' usage cost."""
     run_id = trained.checkpoint.run_id
+    challenger = trained.best or trained.checkpoint
     prefix = layout.nightly_prefix(run_id, night)
     html_key = layout.nightly_report_html(prefix)
     return NightlySummary(
@@ -222,7 +293,7 @@ def nightly_summary(
         step=trained.checkpoint.step,
         resumed_from=trained.resumed_from,
         trained_steps=trained.trained_steps,
-        checkpoint_key=trained.checkpoint.key,
+        checkpoint_key=challenger.key,
         samples_key=samples.key,
         metrics=metrics,
         promotion=decision,
@@ -230,6 +301,8 @@ def nightly_summary(
         report_key=layout.nightly_report(prefix),
         report_html_key=html_key,
         report_url=store.url(html_key),
+        scores=trained.scores,
+        cost=None if prices is None else cost(costs.night_usage(stages), prices),
     )
 
 

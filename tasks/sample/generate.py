@@ -22,6 +22,7 @@ from diffusion_core.unet import UNet
 from tasks.config import ModelConfig, SampleConfig, StorageConfig
 from tasks.records import Checkpoint, SampleShard
 from tasks.storage import Store, open_store
+from tasks.usage import reported
 from tasks.webdata import RawSample, encode_png, write_shard
 
 
@@ -133,6 +134,7 @@ class SeedRangeSampler:
         """How many times this actor (process) loaded the weights."""
         return self.weight_loads
 
+    @reported
     def run(
         self,
         seed_start: int,

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 
 from tasks import layout
+from tasks.usage import reported
 from tasks.config import StorageConfig
 from tasks.records import ShardInfo, SkippedFile
 from tasks.shard.chunks import sample_key
@@ -93,6 +94,7 @@ def _samples(
         yield {"__key__": sample_key(item.key), "png": png, "cls": item.label}
 
 
+@reported
 def write_chunk(settings: ShardSettings, job: ChunkJob) -> ChunkResult:
     """One chunk -> one shard (atomically, streaming: one image in memory at a time), or the
     earlier shard of the same chunk when its bytes still match their sha256."""

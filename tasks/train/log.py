@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from tasks import layout
-from tasks.records import LogWindow, TrainHistory
+from tasks.records import CheckpointScore, LogWindow, TrainHistory
 from tasks.storage import Store
 
 # TensorBoard tags of a window's fields.
@@ -37,6 +37,7 @@ class RunLog:
         self.store, self.run_id = store, run_id
         prior = TrainHistory.read_or_none(store, layout.train_history(run_id))
         self.windows = [w for w in prior.windows if w.step <= start_step] if prior else []
+        self.scores = [c for c in prior.scores if c.step <= start_step] if prior else []
         self._dir = Path(tempfile.mkdtemp(prefix=temp_prefix + "tb-"))
         # purge_step: TensorBoard hides the lost attempt's events after start_step.
         self._writer = SummaryWriter(
@@ -57,10 +58,40 @@ class RunLog:
             self.store.write_bytes(
                 layout.tensorboard_file(self.run_id, path.name), path.read_bytes()
             )
-        TrainHistory(run_id=self.run_id, windows=self.windows).write(
+        TrainHistory(run_id=self.run_id, windows=self.windows, scores=self.scores).write(
             self.store, layout.train_history(self.run_id)
         )
 
     def close(self) -> None:
         self._writer.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def publish_scores(
+    store: Store, run_id: str, scores: list[CheckpointScore], temp_prefix: str
+) -> None:
+    """Add checkpoints scored while training ran to the run's history.json (replacing earlier
+    scores of the same steps) and to TensorBoard (`eval/<metric>` and `eval/<metric>_std`, in an
+    event file of their own). Called by the driver once training has ended: rank 0 no longer
+    writes history.json then."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if not scores:
+        return
+    key = layout.train_history(run_id)
+    prior = TrainHistory.read_or_none(store, key) or TrainHistory(run_id=run_id, windows=[])
+    steps = {c.step for c in scores}
+    merged = sorted([c for c in prior.scores if c.step not in steps] + scores, key=lambda c: c.step)
+    prior.model_copy(update={"scores": merged}).write(store, key)
+    folder = Path(tempfile.mkdtemp(prefix=temp_prefix + "tb-"))
+    try:
+        name = f".scores-{scores[0].step:08d}-{scores[-1].step:08d}"  # the steps it covers
+        with SummaryWriter(str(folder), filename_suffix=name) as writer:
+            for c in scores:
+                writer.add_scalar(f"eval/{c.metric}", c.mean, c.step)
+                if c.std is not None:
+                    writer.add_scalar(f"eval/{c.metric}_std", c.std, c.step)
+        for path in sorted(folder.iterdir()):
+            store.write_bytes(layout.tensorboard_file(run_id, path.name), path.read_bytes())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

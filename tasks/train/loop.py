@@ -312,12 +312,21 @@ def run_training(
     report: Callable[[dict[str, float]], None] | None = None,
     newest: Callable[[], Checkpoint | None] | None = None,
     saved: Callable[[Checkpoint], None] | None = None,
+    draining: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train up to `job.target_step`, resuming from the run's newest checkpoint (rank 0 saves).
 
     `newest` gives that checkpoint (default: read `latest.json`); under Ray the driver keeps it,
     told of each checkpoint by `saved`, so the stage reads `latest.json` once and a restarted
-    worker group resumes from the newest one. `report` gets each logging window's LogWindow."""
+    worker group resumes from the newest one. `report` gets each logging window's LogWindow.
+
+    `draining` says whether a node of the run is being drained for preemption (a spot reclaim
+    with notice). It is a collective (the ranks must agree on the step of the checkpoint), so
+    every rank asks it at the same steps: the end of each logging window, where the window's
+    all-reduce already waits for all ranks, rather than each step (under Ray it is a round trip to
+    an actor, milliseconds: dear for a step, nothing for a window). From the first yes on, rank 0
+    saves a just-in-time checkpoint at the end of each window until the node goes, so losing it
+    costs at most one window of steps."""
     device = device or torch.device("cpu")
     tc, store = job.train, open_store(job.config.storage)
     newest = newest or (lambda: Checkpoint.latest(store, tc.run_id))
@@ -362,6 +371,7 @@ def run_training(
     )
     window = _Window()
     last_loss: float | None = None
+    drained = False  # a drain notice came: save at each window's end
     try:
         for step in range(start_step, job.target_step):
             waited = time.perf_counter()
@@ -383,7 +393,18 @@ def run_training(
 
             done = step + 1
             log_now = done % tc.log_every == 0 or done == job.target_step
-            save_now = rank == 0 and (done % tc.checkpoint_every == 0 or done == job.target_step)
+            if log_now and draining is not None and not drained and done < job.target_step:
+                drained = draining()
+                if drained and rank == 0:
+                    log.warning(
+                        "a node of run %s is being drained for preemption: checkpoint at step %d "
+                        "and at each logging window until it goes",
+                        tc.run_id,
+                        done,
+                    )
+            save_now = rank == 0 and (
+                done % tc.checkpoint_every == 0 or done == job.target_step or (drained and log_now)
+            )
             snap_now = state.phema is not None and snapshot_due(
                 done, job.target_step, tc.phema_interval
             )
@@ -409,7 +430,10 @@ def run_training(
                 last = save_run_checkpoint(store, job, unet_cfg, state, done)
                 if saved:
                     saved(last)
-                prune_checkpoints(store, tc)  # after `saved`: nobody resumes from a pruned one
+                if not job.config.evaluate.score_every:
+                    # After `saved`: nobody resumes from a pruned one. Scored while training, the
+                    # checkpoints are pruned once scored, the best kept (the stage's driver).
+                    prune_checkpoints(store, tc)
                 if run_log is not None:
                     run_log.publish()
     finally:
@@ -496,8 +520,10 @@ def save_run_checkpoint(
     return record
 
 
-def prune_checkpoints(store: Store, tc: TrainConfig) -> None:
-    """Keep the run's newest `train.keep_checkpoints` checkpoints."""
+def prune_checkpoints(store: Store, tc: TrainConfig, keep: frozenset[str] = frozenset()) -> None:
+    """Keep the run's newest `train.keep_checkpoints` checkpoints, and those whose keys are in
+    `keep`."""
     kept = sorted(k for k in store.list(layout.checkpoints_prefix(tc.run_id)) if k.endswith(".pt"))
     for old in kept[: -tc.keep_checkpoints]:
-        store.delete(old)
+        if old not in keep:
+            store.delete(old)

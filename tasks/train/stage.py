@@ -31,6 +31,7 @@ from tasks.train.loop import (
     unet_config_for,
 )
 from tasks.train.phema import storage_cost
+from tasks.usage import reported
 from tasks.webdata import ShardReadError
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class RunState:
         return self._error
 
 
+@reported
 def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train_loop_config
     import ray
     import ray.train
@@ -109,12 +111,24 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:  # Ray Train's train
             wrap_model=lambda m: ray.train.torch.prepare_model(m, move_to_device=False),
             report=lambda metrics: _report(metrics, rank, progress),
             newest=lambda: ray.get(run.newest.remote()),
-            saved=lambda checkpoint: ray.get(run.saved.remote(checkpoint)),
+            saved=lambda checkpoint: _saved(checkpoint, run, progress),
+            # Ray Train's PreemptionWatcher marks every rank when a node of the group is drained
+            # for preemption; this call agrees on rank 0's answer (a barrier of all ranks).
+            draining=lambda: ray.train.get_preemption_info() is not None,
         )
     except NOT_RETRIED as err:
         if not isinstance(err, StorageUnavailableError):
             ray.get(run.give_up.remote(err))
         raise
+
+
+def _saved(checkpoint: Checkpoint, run: Any, progress: Any) -> None:
+    """Rank 0 saved `checkpoint`: the run's state keeps it (a restarted group resumes from it)
+    and the driver hears of it (it may score it while training goes on)."""
+    import ray
+
+    ray.get(run.saved.remote(checkpoint))
+    progress.put({"checkpoint": checkpoint.model_dump(mode="json")})
 
 
 def _report(metrics: dict[str, float], rank: int, progress: Any) -> None:
@@ -126,9 +140,16 @@ def _report(metrics: dict[str, float], rank: int, progress: Any) -> None:
         progress.put({"window": metrics})
 
 
-def _run_with_progress(fit: Callable[[], Any], progress: Any, target: int, per_step: int) -> Any:
+def _run_with_progress(
+    fit: Callable[[], Any],
+    progress: Any,
+    target: int,
+    per_step: int,
+    on_checkpoint: Callable[[Checkpoint, bool], None] | None = None,
+) -> Any:
     """Run `fit` (blocking) in a thread; meanwhile log what the workers send: where each rank runs,
-    and rank 0's step, loss, images/s, data wait and the time left."""
+    and rank 0's step, loss, images/s, data wait and the time left; pass each checkpoint rank 0
+    saves to `on_checkpoint`, with whether it is the last (of step `target`)."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ray-train-fit") as pool:
         running = pool.submit(fit)
         while not running.done() or not progress.empty():
@@ -139,6 +160,11 @@ def _run_with_progress(fit: Callable[[], Any], progress: Any, target: int, per_s
             if "placement" in message:
                 p = message["placement"]
                 log.info("rank %d runs on node %s (%s)", p["rank"], p["node_id"], p["ip"])
+                continue
+            if "checkpoint" in message:
+                if on_checkpoint is not None:
+                    saved = Checkpoint.model_validate(message["checkpoint"])
+                    on_checkpoint(saved, saved.step == target)
                 continue
             m = LogWindow.model_validate(message["window"])
             steps_per_s = m.images_per_s / per_step
@@ -171,9 +197,17 @@ def target_step(cfg: PipelineConfig, done: int, *, nightly: bool) -> int:
 
 
 def train(
-    cfg: PipelineConfig, store: Store, manifest: DatasetManifest, *, nightly: bool = False
+    cfg: PipelineConfig,
+    store: Store,
+    manifest: DatasetManifest,
+    *,
+    nightly: bool = False,
+    on_checkpoint: Callable[[Checkpoint, bool], None] | None = None,
 ) -> TrainResult:
-    """Run (or resume) training of `train.run_id` to its target step on the dataset `manifest`."""
+    """Run (or resume) training of `train.run_id` to its target step on the dataset `manifest`.
+
+    `on_checkpoint` is called in this process with each checkpoint as soon as it is saved (and
+    whether it is the last), while training goes on (the caller scores checkpoints with it: `evaluate.score_every`)."""
     tc = cfg.train
     latest = Checkpoint.latest(store, tc.run_id)
     if latest is not None:  # before anything is written, the run's config.json included
@@ -208,8 +242,12 @@ def train(
         one_per_node=tc.placement_strategy == "STRICT_SPREAD",
     )
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    # ray.train's own FailureConfig, whose preemption fields type checkers miss: ray.train picks
+    # it (Ray Train v2's) at import time.
+    from ray.train.v2.api.config import FailureConfig
     from ray.util.queue import Queue
 
     # On the driver's node: losing a worker node must not take these actors with it.
@@ -231,10 +269,15 @@ def train(
             run_config=RunConfig(
                 name=f"{tc.run_id}-{target}",
                 storage_path=ray_storage,
-                failure_config=FailureConfig(max_failures=tc.max_failures),
+                # A drained node's loss is a preemption: counted apart from max_failures.
+                failure_config=FailureConfig(
+                    max_failures=tc.max_failures, max_preemption_failures=tc.max_preemptions
+                ),
             ),
         )
-        result = _run_with_progress(trainer.fit, progress, target, tc.batch_size * tc.workers)
+        result = _run_with_progress(
+            trainer.fit, progress, target, tc.batch_size * tc.workers, on_checkpoint
+        )
         error = ray.get(run.error.remote())
         if error is not None:  # the restarted workers returned at once: the run failed
             raise error

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import run_cli
 from tests.support.config import NIGHTLY, tiny_overrides
 from tests.support.paths import REPO
 
 pytestmark = pytest.mark.slow
 
 
-def test_cli_nightly_prints_report_and_fid(tmp_path):
+@pytest.mark.timeout(900, func_only=True)  # a guard: `promote` runs in this process
+def test_cli_nightly_prints_report_and_fid(tmp_path, monkeypatch, capsys):
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_URL", "RAY_ADDRESS"))
     }
@@ -69,13 +71,12 @@ def test_cli_nightly_prints_report_and_fid(tmp_path):
     assert json.loads(data["nightly-metrics"])[0]["metric"] == "fid"  # a table is JSON in JSON
     assert data["nightly-progress"] == 100  # every stage done
 
-    # the champion, and a rollback that has nothing to restore after one night
-    promote = [cmd[0], "promote", f"storage.root={store}"]
-    shown = subprocess.run(promote, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    # the champion, and a rollback that has nothing to restore after one night; `promote` reads
+    # and writes the store only (no Ray, no Prefect), so it runs in this process
+    promote = ["promote", f"storage.root={store}"]
+    shown = run_cli(promote, monkeypatch, capsys, REPO)
     assert shown.returncode == 0 and "model 'default': step 20 " in shown.stdout, shown
-    rollback = subprocess.run(
-        [*promote, "--rollback"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+    rollback = run_cli([*promote, "--rollback"], monkeypatch, capsys, REPO)
     assert rollback.returncode == 2 and "no previous champion" in rollback.stderr, rollback
 
     # A damaged champion pointer: the nightly stops before any work, naming the file and the
@@ -87,8 +88,6 @@ def test_cli_nightly_prints_report_and_fid(tmp_path):
     assert damaged.returncode == 2, damaged
     assert "current.json is damaged" in damaged.stderr and "promote --repair" in damaged.stderr
     assert len(damaged.stderr.strip().splitlines()) == 1, damaged.stderr  # one message, once
-    repaired = subprocess.run(
-        [*promote, "--repair"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
+    repaired = run_cli([*promote, "--repair"], monkeypatch, capsys, REPO)
     assert repaired.returncode == 0 and "restored to step 20" in repaired.stdout, repaired
     assert json.loads(current.read_bytes()) == json.loads(intact)

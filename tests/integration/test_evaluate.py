@@ -495,3 +495,64 @@ def test_damaged_caches_are_recomputed_and_the_fid_is_unchanged(
     for key, names in ((stats, ("features", "mu", "sigma")), (features, ("2048",))):
         assert f"{store.url(key)} are damaged" in caplog.text, key
         read_npz(store, key, names)  # overwritten: it reads back whole
+
+
+# (i) beside FID: precision/recall, memorization, FD-DINOv2's skip; a memorizing model refused ----
+def test_metrics_beside_fid_and_a_memorizing_model_is_refused(
+    store: Store,
+    dataset_manifest: DatasetManifest,
+    standin: ExtractorInfo,
+    mnist: np.ndarray,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from tasks.config import PromoteConfig
+    from tasks.promote.stage import promote_if_better
+    from tasks.records import PromotionHistory
+
+    # The same held-out split (its cached reference reused) plus a training split of 16 digits.
+    training = mnist[5000:5016]
+    prefix = layout.dataset_prefix("mnist", FINGERPRINT)
+    rows = (
+        {"__key__": f"t-{j:06d}", "png": encode_png(img[0]), "cls": 0}
+        for j, img in enumerate(training)
+    )
+    shard = write_shard(store, layout.dataset_shard(prefix, "train", "f" * 16), rows)
+    splits = {**dataset_manifest.splits, "train": SplitInfo(count=len(training), shards=[shard])}
+    dataset = dataset_manifest.model_copy(update={"splits": splits})
+    memorizing = _write_samples(store, training)  # "samples" that are the training images
+    cfg = EvalConfig(metrics=("fid", "prc", "memorization", "fd_dinov2"), batch_size=16, repeats=1)
+
+    with caplog.at_level(logging.WARNING, logger="tasks.evaluate.scoring"):
+        m = evaluate_samples(store, dataset, memorizing, cfg, extractor=standin)
+    report = write_evaluation_report(store, m, memorizing, cfg.grid_images)
+
+    assert Metrics.read(store, m.key) == m
+    assert len(m.precisions) == len(m.recalls) == 1 and m.precision == m.precisions[0]
+    kept = [layout.sample_features(memorizing.prefix, standin.sha256, n) for n in (0, 1)]
+    samples = np.concatenate([read_npz(store, k, ["2048"]).arrays["2048"] for k in kept])
+    ref = reference_features(store, dataset, standin, cfg)
+    theirs = prc_features_to_metric(torch.from_numpy(samples), torch.from_numpy(ref.features))
+    assert (m.precision, m.recall) == (theirs["precision"], theirs["recall"])
+    assert m.memorized_shares == [1.0] and m.memorized_share == 1.0
+    assert m.num_training_images == 16 and m.memorization_quantile == 0.05
+    assert m.memorization_threshold is not None and m.memorization_threshold > 0
+    assert store.exists(layout.training_features(FINGERPRINT, standin.sha256, 16))
+    skip = "FD-DINOv2 skipped: evaluate.dinov2_weights is not set"
+    assert len(m.skipped) == 1 and m.skipped[0].startswith(skip) and m.fd_dinov2 is None
+    assert caplog.text.count(skip) == 1 and skip in report
+    assert "memorized share" in report and "precision" in report
+
+    own = Store(StorageConfig(root=str(tmp_path)))
+    ckpt_bytes = b"weights"
+    ckpt = memorizing.checkpoint.model_copy(
+        update={"key": "runs/nightly/checkpoints/step-00000600.pt", "sha256": _sha(ckpt_bytes)}
+    )
+    own.write_bytes(ckpt.key, ckpt_bytes)
+    decision = promote_if_better(own, PromoteConfig(), m, ckpt)
+    assert not decision.promoted and decision.reason.startswith("memorization: 100.0%")
+    history = PromotionHistory.read(own, layout.model_history("default"))
+    assert history.decisions[-1].reason == decision.reason
+    assert not own.exists(layout.model_current("default"))

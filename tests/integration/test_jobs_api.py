@@ -27,17 +27,12 @@ import yaml
 
 from tasks.config import to_yaml
 from tasks.ray_runtime import cluster_runtime_env
-from tests.support.config import Settings, tiny_config
+from tests.support.config import SHORT_NIGHT, tiny_config
 from tests.support.paths import REPO
 from tests.support.procs import below
 from tests.support.s3 import free_port, wait_for_port
 
 BIN = Path(sys.executable).parent
-# The tiny pipeline, its first night 2 steps long, one evaluation of FID only.
-SHORT_NIGHT: Settings = {
-    "train": {"steps_per_night": 2},
-    "evaluate": {"repeats": 1, "metrics": ["fid"], "grid_images": 4},
-}
 
 
 def readme_submission() -> str:

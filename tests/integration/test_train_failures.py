@@ -24,13 +24,13 @@ from tests.support.training import assert_same_training_state, final_state
 
 pytestmark = pytest.mark.slow
 
-# 200 steps on 2 workers, a checkpoint every 20: a kill lands between two checkpoints.
+# 100 steps on 2 workers, a checkpoint every 10: a kill lands between two checkpoints.
 TRAINING = {
     "data": {"max_images": 160, "samples_per_shard": 40},
     "train": {
-        "steps": 200,
-        "checkpoint_every": 20,
-        "log_every": 20,
+        "steps": 100,
+        "checkpoint_every": 10,
+        "log_every": 10,
         "workers": 2,
         "warmup_steps": 5,
         "ema_warmup_steps": 5,
@@ -53,7 +53,7 @@ def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(tmp_path, ray_c
 
     manifest = shard_dataset(config("x").data, store).manifest
     straight = train(config("straight"), store, manifest)
-    assert straight.checkpoint.step == 200
+    assert straight.checkpoint.step == 100
 
     killed: list[int] = []
 
@@ -62,7 +62,7 @@ def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(tmp_path, ray_c
         while time.monotonic() < deadline:
             latest = Checkpoint.latest(store, "killed")
             workers = _train_workers()
-            if latest is not None and latest.step >= 20 and workers:
+            if latest is not None and latest.step >= 10 and workers:
                 os.kill(workers[-1], signal.SIGKILL)
                 killed.append(latest.step)
                 return
@@ -72,8 +72,8 @@ def test_a_killed_worker_is_replaced_and_the_result_is_unchanged(tmp_path, ray_c
     killer.start()
     result = train(config("killed"), store, manifest)
     killer.join(timeout=5)
-    assert killed and killed[0] < 200, "no worker was killed mid-run"
-    assert result.checkpoint.step == 200
+    assert killed and killed[0] < 100, "no worker was killed mid-run"
+    assert result.checkpoint.step == 100
 
     a, b = final_state(store, "straight"), final_state(store, "killed")
     assert_same_training_state(a, b)

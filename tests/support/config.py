@@ -55,6 +55,12 @@ NIGHTLY: Settings = {
     "sample": {"num_images": 40, "steps": 10, "images_per_task": 20, "batch_size": 20},
     "evaluate": {"repeats": 1, "metrics": ["fid", "kid"], "kid_subset_size": 20, "grid_images": 16},
 }
+# The tiny pipeline as a nightly: its first night 2 steps long, one evaluation of FID only (the
+# Jobs API and deployment tests, where the nightly's launch, not its size, is under test).
+SHORT_NIGHT: Settings = {
+    "train": {"steps_per_night": 2},
+    "evaluate": {"repeats": 1, "metrics": ["fid"], "grid_images": 4},
+}
 # A class-conditional model: sampling draws labels, so the label path is exercised too.
 CLASS_CONDITIONAL: Settings = {"model": {"class_conditional": True}}
 

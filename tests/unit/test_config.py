@@ -1,14 +1,10 @@
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import yaml
 
 from tasks.config import ConfigError, PipelineConfig, load_config, resolve_config
-from tests.support.paths import REPO
+from tests.support.cli import run_cli
 
 
 def test_defaults_round_trip_through_json_and_yaml(tmp_path):
@@ -107,26 +103,25 @@ def test_config_is_resolved_once_at_load(tmp_path, monkeypatch):
     assert PipelineConfig.model_validate(s3.model_dump(mode="json")) == s3
 
 
-def test_cli_dry_run_prints_resolved_config_and_errors_exit_2(tmp_path):
-    run = [sys.executable, "-m", "flows.cli"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ADDRESS": "head:6379"}
-    out = subprocess.run(
-        [*run, "nightly", "--dry-run", "train.steps=11", "storage.root=rel"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
-        env=env | {"PYTHONPATH": str(REPO)},
+def test_cli_dry_run_prints_resolved_config_and_errors_exit_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    out = run_cli(
+        ["nightly", "--dry-run", "train.steps=11", "storage.root=rel"],
+        monkeypatch,
+        capsys,
+        tmp_path,
     )
+    assert out.returncode == 0, out.stderr
     resolved = yaml.safe_load(out.stdout)
     assert resolved["train"]["steps"] == 11 and resolved["data"]["dataset"] == "digits"
     assert resolved["storage"]["root"] == str(tmp_path / "rel")
     assert resolved["ray"]["address"] == "head:6379"
-    bad = subprocess.run([*run, "train", "train.lr=-1"], capture_output=True, text=True)
+    monkeypatch.delenv("RAY_ADDRESS")
+    bad = run_cli(["train", "train.lr=-1"], monkeypatch, capsys)
     assert bad.returncode == 2 and "train.lr" in bad.stderr
     for stage in ("shard", "train", "sample", "evaluate", "nightly", "serve"):
-        h = subprocess.run([*run, stage, "--help"], capture_output=True, text=True, check=True)
-        assert "--dry-run" in h.stdout
+        h = run_cli([stage, "--help"], monkeypatch, capsys)
+        assert h.returncode == 0 and "--dry-run" in h.stdout
 
 
 def test_numbers_in_exponent_form_are_numbers(tmp_path):

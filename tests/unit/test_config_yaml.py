@@ -3,12 +3,9 @@ text taken literally, old field names for one release, and data + model that bui
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
-from typing import get_args, get_origin
+from typing import Any, get_args, get_origin
 
 import pytest
 import yaml
@@ -23,6 +20,7 @@ from tasks.config import (
     load_config,
     parse_override,
 )
+from tests.support.cli import CliRun, run_cli
 from tests.support.paths import REPO
 
 BOMB = "\n".join(
@@ -36,19 +34,6 @@ BOMB = "\n".join(
 )
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env=env,
-        timeout=300,
-    )
-
-
-# -- YAML: duplicates, aliases ---------------------------------------------------------------------
 def test_a_section_given_twice_names_both_lines(tmp_path):
     path = tmp_path / "twice.yaml"
     path.write_text("train:\n  steps: 5\nsample:\n  steps: 3\ntrain:\n  lr: 1e-3\n")
@@ -82,19 +67,34 @@ def test_aliases_are_refused_at_the_first_one(tmp_path):
 
 
 # -- numbers: finite only --------------------------------------------------------------------------
+def _section_model(section: str) -> Any:
+    """A section's model class; an optional section (`prices: PricesConfig | None`) its class."""
+    annotation = PipelineConfig.model_fields[section].annotation
+    return next((a for a in get_args(annotation) if a is not type(None)), annotation)
+
+
 def _float_fields() -> list[str]:
     fields = []
-    for section, info in PipelineConfig.model_fields.items():
-        for name, field in info.annotation.model_fields.items():  # type: ignore[union-attr]
+    for section in PipelineConfig.model_fields:
+        for name, field in _section_model(section).model_fields.items():
             if float in (field.annotation, *get_args(field.annotation)):
                 fields.append(f"{section}.{name}")
     return fields
 
 
-def _is_tuple(field: str) -> bool:
+def _container(field: str) -> type | None:
     section, name = field.split(".")
-    model = PipelineConfig.model_fields[section].annotation
-    return get_origin(model.model_fields[name].annotation) is tuple  # type: ignore[union-attr]
+    return get_origin(_section_model(section).model_fields[name].annotation)
+
+
+def _given(field: str, value: str) -> tuple[str, str]:
+    """Where the error names the value, and the override's value: in a tuple of floats its
+    first element, in a mapping to floats one entry's value."""
+    if _container(field) is tuple:
+        return f"{field}.0", f"[{value}]"
+    if _container(field) is dict:
+        return f"{field}.put", f"{{put: {value}}}"
+    return field, value
 
 
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
@@ -103,7 +103,7 @@ def test_every_float_field_refuses_infinity_and_nan(value):
     assert {"train.lr", "storage.retry_budget_s", "sample.eta", "promote.alpha"} <= set(fields)
     assert "train.phema_sigma_rels" in fields  # a tuple of floats: each element is checked
     for field in fields:
-        where, given = (f"{field}.0", f"[{value}]") if _is_tuple(field) else (field, value)
+        where, given = _given(field, value)
         with pytest.raises(ConfigError, match=rf"{where}: Input should be a finite number"):
             load_config(None, [f"{field}={given}"])
 
@@ -236,7 +236,15 @@ def test_settings_that_build_no_network_are_named():
 
 
 # -- the CLI: exit code 2 before anything starts ---------------------------------------------------
-def test_the_cli_refuses_bad_configs_with_exit_2_and_warns_about_old_names(tmp_path):
+@pytest.mark.timeout(60)  # in this process: the bomb must be refused, not expanded
+def test_the_cli_refuses_bad_configs_with_exit_2_and_warns_about_old_names(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def _cli(*args: str, cwd: Path) -> CliRun:
+        return run_cli(list(args), monkeypatch, capsys, cwd)
+
     twice = tmp_path / "twice.yaml"
     twice.write_text("train:\n  steps: 5\ntrain:\n  steps: 6\n")
     bomb = tmp_path / "bomb.yaml"
@@ -257,5 +265,5 @@ def test_the_cli_refuses_bad_configs_with_exit_2_and_warns_about_old_names(tmp_p
     assert "evaluate.cpus is deprecated, use evaluate.cpus_per_worker" in old.stderr
     printed = yaml.safe_load(old.stdout)
     assert printed["train"]["workers"] == 3 and printed["evaluate"]["cpus_per_worker"] == 2
-    names = {f"{s}.{k}" for s, fields in printed.items() for k in fields}
+    names = {f"{s}.{k}" for s, fields in printed.items() for k in fields or {}}  # prices: null
     assert not names & {f"{s}.{o}" for s, r in RENAMED.items() for o in r}

@@ -67,7 +67,16 @@ def test_imports_point_one_way(package):
 
 
 def test_every_stage_is_a_folder_entered_through_stage_py():
-    assert STAGES == ["evaluate", "promote", "report", "sample", "shard", "train"]
+    assert STAGES == [
+        "evaluate",
+        "promote",
+        "report",
+        "retention",
+        "sample",
+        "shard",
+        "sweep",
+        "train",
+    ]
     for stage in STAGES:
         # No re-exporting faces: a stage's __init__.py is empty.
         assert (TASKS / stage / "__init__.py").read_text().strip() == "", stage

@@ -117,7 +117,18 @@ def _layout_keys() -> tuple[list[str], set[str]]:
             L[f"ema_choice_{name}"](L["ema_choice_prefix"](run, "20261125T020000Z"))
             for name in ("report", "report_html", "record")
         ),
+        *(
+            L[f"sweep_{name}"](L["sweep_prefix"]("lr"), *arg)
+            for name, arg in (
+                ("trial", ("t00",)),
+                ("record", ()),
+                ("report", ()),
+                ("report_html", ()),
+                ("figure", ()),
+            )
+        ),
         L["reference_stats"](fp, sha, 180),
+        L["training_features"](fp, sha, 1000),
         L["extractor"]("inception-v3-standin-seed0.pth"),
         L["model_current"]("default"),
         L["model_history"]("default"),
@@ -125,10 +136,31 @@ def _layout_keys() -> tuple[list[str], set[str]]:
         L["model_champion"]("default", step),
         L["train_history"](run),
         L["tensorboard_file"](run, "events.out.tfevents.1764100000.host.123.0"),
+        *(
+            L[f"lease_{name}"](L[f"{owner}_lease_prefix"](of), *token)
+            for owner, of in (("run", run), ("model", "default"))
+            for name, token in (("object", ()), ("claim", ("0123456789abcdef",)))
+        ),
     ]
     L["checkpoints_prefix"](run), L["reference_stats_prefix"](fp), L["extractors_prefix"]()
     L["model_prefix"]("default"), L["run_prefix"](run), L["part"]("x", "x")
     L["tensorboard_prefix"](run), L["phema_snapshots_prefix"](run)
+    L["sweep_tune_prefix"](L["sweep_prefix"]("lr"))
+    # The folders retention lists (tasks/retention/): each holds the keys its builders make.
+    folders = {
+        L["datasets_root"](): L["dataset_manifest"](ds),
+        L["runs_root"](): L["run_config"](run),
+        L["sample_sets_prefix"](run): L["sample_manifest"](samples),
+        L["evals_prefix"](run): L["eval_metrics"](evals),
+        L["nightlies_prefix"](run): L["nightly_latest"](run),
+        L["stats_root"](): L["reference_stats"](fp, sha, 180),
+        L["models_root"](): L["model_current"]("default"),
+    }
+    assert all(key.startswith(folder + "/") for folder, key in folders.items()), folders
+    # A lease's claims are told from its lease object and from one another's folders.
+    lease = L["run_lease_prefix"](run)
+    assert L["is_lease_claim"](lease, layout.lease_claim(lease, "abc123"))
+    assert not any(L["is_lease_claim"](lease, k) for k in keys if "/claim-" not in k)
     # A snapshot's key gives back its width and step, exactly; no other key does.
     for sigma_rel in (0.05, 0.1, 1 / 30, 1e-5):
         assert L["phema_snapshot_of"](run, layout.phema_snapshot(run, sigma_rel, step)) == (
