@@ -54,7 +54,9 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def pipeline_config(args: argparse.Namespace, root: Path, run_id: str, scored: bool) -> PipelineConfig:
+def pipeline_config(
+    args: argparse.Namespace, root: Path, run_id: str, scored: bool
+) -> PipelineConfig:
     settings = mnist_settings(args.images)
     spare = args.cpus - args.train_cpus
     return resolve_config(

@@ -113,7 +113,7 @@ def night_settings(workers: int, quick: bool) -> list[str]:
         f"sample.workers={workers}",
         f"sample.num_images={images}",
         "sample.steps=10",
-        f"sample.images_per_task={images // 4}",
+        f"sample.images_per_task={images // TASKS_HERE}",
         f"evaluate.workers={workers}",
         "evaluate.repeats=1",
     ]
@@ -154,6 +154,9 @@ def run_night(workers: int, quick: bool) -> Night:
 
 def night_images(quick: bool) -> int:
     return 32 if quick else 128
+
+
+TASKS_HERE = 4  # sample.images_per_task = night_images / 4
 
 
 def usage(night: Night, stage: str) -> dict[str, Any]:
@@ -243,17 +246,21 @@ def project(
     ckpt_bytes, ckpt_local_s = checkpoint
     stall = ckpt_bytes / RATES["node_upload_Bps"][0] + ckpt_local_s
     train_s = steps * tr["batch_size"] / train_ips + stall * steps / tr["checkpoint_every"]
-    # Bytes and requests per unit measured here, scaled from 8x8x1 digits to 32x32x3 CIFAR-10.
+    # Training's store traffic is per image (shard streaming; checkpoints per step); bytes scale
+    # from 8x8x1 digits to 32x32x3 CIFAR-10. Sampling's and scoring's are per seed-range task (a
+    # shard, its receipt, its features; each worker's weights), measured over TASKS_HERE tasks.
     pixels = 32 * 32 * 3 / (8 * 8 * 1)
-    per_unit = {s: usage(one, s) for s in STAGES}
-
-    def rate(stage: str, units_per_s: float) -> tuple[float, float]:
-        u, n = per_unit[stage], max(one.units[stage], 1)
-        return u["requests"] / n * units_per_s, u["bytes"] / n * pixels * units_per_s
-
-    train_rps, train_bps = rate("train", train_ips * gpus)
-    sample_rps, sample_bps = rate("sample", sample_ips * busy)
-    score_rps, score_bps = rate("evaluate", score_ips * busy)
+    tr_u, sa_u, ev_u = usage(one, "train"), usage(one, "sample"), usage(one, "evaluate")
+    per_image = max(one.units["train"], 1)
+    train_rps = tr_u["requests"] / per_image * train_ips * gpus
+    train_bps = tr_u["bytes"] / per_image * pixels * train_ips * gpus
+    grow = sa["images_per_task"] / (one.units["sample"] / TASKS_HERE)  # images per shard
+    sample_tps = busy * sample_ips / sa["images_per_task"]
+    score_tps = busy * score_ips / sa["images_per_task"]
+    sample_rps = sa_u["requests"] / TASKS_HERE * sample_tps
+    sample_bps = sa_u["bytes"] / TASKS_HERE * pixels * grow * sample_tps
+    score_rps = ev_u["requests"] / TASKS_HERE * score_tps
+    score_bps = ev_u["bytes"] / TASKS_HERE * score_tps
     return {
         "gpus": gpus,
         "train_s": train_s,

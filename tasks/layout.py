@@ -410,6 +410,11 @@ def sweep_trial(prefix: str, trial_id: str) -> str:
     return f"{prefix}/trials/{part(trial_id, 'trial id')}.json"
 
 
+def sweep_spec(prefix: str) -> str:
+    """The sweep's YAML as it started, validated: a resumed sweep must be the same sweep."""
+    return f"{prefix}/spec.json"
+
+
 def sweep_record(prefix: str) -> str:
     """The `SweepResult` record the report renders."""
     return f"{prefix}/sweep.json"

@@ -7,6 +7,7 @@
     promote  -> PromotionDecision, Champion, PromotionHistory
     nightly  -> NightlySummary
     samplers -> SamplerChoice (a sweep of sampler settings, scored and chosen)
+    sweep    -> SweepTrial (one trial's segments), SweepResult (the sweep, its winner confirmed)
 
 A stored record carries its `format` (name@version). Reading a record of another format fails with
 a `RecordFormatError` naming the object, the format found and the one this version reads; a record
@@ -744,6 +745,7 @@ class SegmentScore(_Model):
     train_s: float  # wall seconds of the segment's training
     score_s: float  # wall seconds of its sampling and scoring
     device_s: float  # the device-seconds it reserved (`tasks.sweep.budget.segment_cost`)
+    ended_at: float = 0.0  # when it was scored (Unix seconds): the sweep's progress over time
 
 
 class SweepTrial(Record):

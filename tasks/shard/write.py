@@ -16,7 +16,6 @@ from typing import Literal
 import numpy as np
 
 from tasks import layout
-from tasks.usage import reported
 from tasks.config import StorageConfig
 from tasks.records import ShardInfo, SkippedFile
 from tasks.shard.chunks import sample_key
@@ -29,6 +28,7 @@ from tasks.shard.sources import (
     source_url,
 )
 from tasks.storage import open_store
+from tasks.usage import reported
 from tasks.webdata import RawSample, encode_png, write_shard
 
 

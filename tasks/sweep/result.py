@@ -56,11 +56,11 @@ def budget_note(
     ended = [o for o in outcomes if o.status in ("budget", "not started")]
     if budget is None or not ended:
         return None
-    where = ", ".join(
-        f"{o.trial.trial_id} at step {o.trial.step}"
-        if o.trial.segments
-        else f"{o.trial.trial_id} not started"
-        for o in ended
+    stopped = [f"{o.trial.trial_id} at step {o.trial.step}" for o in ended if o.trial.segments]
+    unstarted = [o.trial.trial_id for o in ended if not o.trial.segments]
+    where = "; ".join(
+        [f"stopped {', '.join(stopped)}"] * bool(stopped)
+        + [f"not started: {', '.join(unstarted)}"] * bool(unstarted)
     )
     first = ""
     if refused is not None:
@@ -72,7 +72,7 @@ def budget_note(
     over = (
         f" ({spent - budget:.0f} over: the first segment, measured alone)" if spent > budget else ""
     )
-    return f"budget {budget:.0f} {unit}-seconds: {spent:.0f} spent{over}; stopped {where}{first}"
+    return f"budget {budget:.0f} {unit}-seconds: {spent:.0f} spent{over}; {where}{first}"
 
 
 def handoff_command(spec: SweepSpec, plan: TrialPlan) -> str:

@@ -62,9 +62,9 @@ class BaseSpec(_Spec):
 class Distribution(_Spec):
     """One field's random range: exactly one of these."""
 
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
-    randint: tuple[int, int] | None = None  # inclusive
+    uniform: list[float] | None = None  # [low, high]
+    loguniform: list[float] | None = None
+    randint: list[int] | None = None  # [low, high], both included
     choice: list[Any] | None = None
 
 
@@ -209,11 +209,14 @@ def _check_distribution(dotted: str, d: Distribution) -> None:
         if not d.choice:
             raise SweepSpecError(f"random.space.{dotted}.choice is empty")
         return
-    lo, hi = getattr(d, kind)
+    ends = getattr(d, kind)
+    if len(ends) != 2:
+        raise SweepSpecError(f"random.space.{dotted}.{kind}: give [low, high], got {ends}")
+    lo, hi = ends
     if not lo < hi if kind != "randint" else not lo <= hi:
         raise SweepSpecError(f"random.space.{dotted}.{kind}: [{lo}, {hi}] is empty; low < high")
     if kind == "loguniform" and lo <= 0:
-        raise SweepSpecError(f"random.space.{dotted}.loguniform: {lo} <= 0; both ends must be > 0")
+        raise SweepSpecError(f"random.space.{dotted}.loguniform: the low end {lo:g} must be > 0")
 
 
 def _draw(d: Distribution, rng: random_module.Random) -> Value:

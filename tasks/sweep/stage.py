@@ -86,7 +86,6 @@ def _new_record(sweep: str, plan: TrialPlan) -> SweepTrial:
 
 def score_segment(
     stages: TrialStages,
-    store: Store,
     cfg: PipelineConfig,
     dataset: DatasetManifest,
     step: int,
@@ -95,6 +94,7 @@ def score_segment(
     `evaluate.score_repeats` seed ranges of `evaluate.score_images` from `score_seed_start`, on
     one sampling and one feature worker."""
     e = cfg.evaluate
+    store = open_store(cfg.storage)
     started = time.monotonic()
     trained = stages.train(
         cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": step})}),
@@ -124,6 +124,20 @@ def score_segment(
         train_s=train_s,
         score_s=score_s,
         device_s=segment_cost(cfg, train_s, score_s),
+        ended_at=time.time(),
+    )
+
+
+def _escaped(fn: Callable[..., SegmentScore]) -> Any:
+    """`fn` as a Ray task outside the trial's placement group. Tune places each trial in one and
+    makes the trial's own tasks and actors land in it too; a trial holds almost nothing (it
+    only drives), so the stages' workers must ask the cluster for their devices themselves."""
+    import ray
+
+    return ray.remote(fn).options(
+        num_cpus=0,
+        max_retries=0,  # a failed segment fails the trial; Tune restarts it (trial_max_failures)
+        scheduling_strategy="DEFAULT",  # explicit: not the placement group Tune captures into
     )
 
 
@@ -168,6 +182,15 @@ def _reserve(
         time.sleep(1.0)  # another trial measures the first segment
 
 
+def _own_rate(record: SweepTrial) -> float | None:
+    """The trial's last segment's device-seconds per step (None before its first)."""
+    segs = record.segments
+    if not segs:
+        return None
+    steps = segs[-1].step - (segs[-2].step if len(segs) > 1 else 0)
+    return segs[-1].device_s / steps if steps > 0 else None
+
+
 def run_trial(
     config: dict[str, Any],
     *,
@@ -187,8 +210,9 @@ def run_trial(
     store = open_store(cfg.storage)
     key = trial_key(sweep, plan.trial_id)
     record = SweepTrial.read_or_none(store, key) or _new_record(sweep, plan)
-    record = record.model_copy(update={"starts": record.starts + 1, "budget_stop": False})
-    record.write(store, key)
+    if record.step < record.target_step:  # a finished trial found again only reports again
+        record = record.model_copy(update={"starts": record.starts + 1, "budget_stop": False})
+        record.write(store, key)
     reported = _reported_step()
     done = {s.step: s for s in record.segments}
     devices = train_devices(cfg)
@@ -196,20 +220,14 @@ def run_trial(
     for target in plan.segments:
         segment = done.get(target)
         if segment is None:
-            last = record.segments[-1] if record.segments else None
-            steps_before = (
-                last.step - (record.segments[-2].step if len(record.segments) > 1 else 0)
-                if last
-                else 0
-            )
-            own_rate = last.device_s / steps_before if last and steps_before > 0 else None
-            if not _reserve(ledger, plan.trial_id, target, target - previous, devices, own_rate):
+            rate = _own_rate(record)
+            if not _reserve(ledger, plan.trial_id, target, target - previous, devices, rate):
                 record = record.model_copy(update={"budget_stop": True})
                 record.write(store, key)
                 log.info("trial %s: the budget ends it before step %d", plan.trial_id, target)
                 return
             try:
-                segment = score_segment(stages, store, cfg, dataset, target)
+                segment = ray.get(_escaped(score_segment).remote(stages, cfg, dataset, target))
             except BaseException:
                 ray.get(ledger.release.remote(plan.trial_id))
                 raise
@@ -277,6 +295,24 @@ def tune_path(spec: SweepSpec, store: Store) -> str:
     return store.path(layout.sweep_tune_prefix(layout.sweep_prefix(spec.name)))
 
 
+def _check_same_sweep(store: Store, spec: SweepSpec) -> None:
+    """A sweep resumed under its name must be the sweep that started (Tune restores its trials by
+    index); the first run writes its spec."""
+    key = layout.sweep_spec(layout.sweep_prefix(spec.name))
+    wanted = spec.model_dump(mode="json")
+    if not store.exists(key):
+        store.write_json(key, wanted)
+        return
+    started = store.read_json(key)
+    if started != wanted:
+        changed = sorted(k for k in {*started, *wanted} if started.get(k) != wanted.get(k))
+        raise ValueError(
+            f"sweep {spec.name!r} was started with another spec ({', '.join(changed)} differ; "
+            f"{store.url(key)}): run it with the file it started with, or give this one another "
+            "name"
+        )
+
+
 def run_sweep(
     spec: SweepSpec,
     plans: list[TrialPlan],
@@ -303,8 +339,11 @@ def run_sweep(
         tune.with_parameters(
             run_trial, sweep=spec.name, plans=plans, stages=stages, dataset=dataset, ledger=ledger
         ),
-        {"cpu": 0},  # the trial only drives: its training and scoring workers hold the devices
+        # The trial only drives (Ray refuses an empty request): its training and scoring
+        # workers hold the devices, outside the trial's placement group (`_escaped`).
+        {"memory": 1},
     )
+    _check_same_sweep(store, spec)
     path = tune_path(spec, store)
     if tune.Tuner.can_restore(path):
         log.info("resuming sweep %s from %s", spec.name, path)

@@ -9,11 +9,13 @@ import re
 import sqlite3
 import subprocess
 import sys
+import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
+from tasks import layout
 from tests.support.cli import run_cli
 from tests.support.config import NIGHTLY, tiny_overrides
 from tests.support.paths import REPO
@@ -36,11 +38,36 @@ def test_cli_nightly_prints_report_and_fid(tmp_path, monkeypatch, capsys):
         "train.workers=1",
         "ray.num_cpus=2",
     ]
-    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    # A second nightly of the same run while the first holds the run's lease: it fails at once,
+    # before any work, naming the holder.
+    lease = store / layout.lease_object(layout.run_lease_prefix("nightly"))
+    deadline = time.monotonic() + 300
+    while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert lease.exists(), "the first nightly never took the run's lease"
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+    assert f"pid {first.pid}" in second.stderr and "run 'nightly'" in second.stderr, second.stderr
+    assert first.poll() is None, "the first nightly ended before the second was refused"
+    stdout, stderr = first.communicate(timeout=600)
+    run = subprocess.CompletedProcess(cmd, first.returncode, stdout, stderr)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    history = json.loads((store / layout.model_history("default")).read_text())
+    assert len(history["decisions"]) == 1  # one nightly ran: one decision
+    assert not lease.exists()  # released at the end
     # the final summary: what ran and how long it took, the report, FID with its noise, the decision
     for stage in ("shard", "train", "sample", "evaluate", "promote"):
         assert re.search(rf"^  {stage} +\d+\.\d s ", run.stdout, re.M), (stage, run.stdout)
+    # and what each stage used, counted where it happened (README: Cost)
+    used = re.findall(
+        r"^ +CPU (\d+\.\d) s, GPU 0\.0 s, read .+, wrote .+, (\d+) requests", run.stdout, re.M
+    )
+    assert len(used) >= 5 and all(float(cpu) > 0 for cpu, _ in used[:4]), run.stdout  # promote:
+    # a few store requests, under 0.05 s of CPU
+    assert sum(int(n) for _, n in used) > 0
     report = re.search(r"^report: file://(\S+/report\.html)$", run.stdout, re.M)
     fid = re.search(
         r"^FID: (\S+) \((noise not measured|std over k=\d+).*STAND-IN.*not comparable.*\)$",
@@ -54,7 +81,7 @@ def test_cli_nightly_prints_report_and_fid(tmp_path, monkeypatch, capsys):
     # Ray's and Prefect's own chatter stays out of the default output
     for noise in ("Started a local Ray instance", "Token authentication", "temporary server"):
         assert noise not in run.stdout + run.stderr, noise
-    assert re.search(r"\[2/6\] train done in", run.stderr)  # the stage progress lines
+    assert re.search(r"\[2/7\] train done in", run.stderr)  # the stage progress lines
 
     # the report as Prefect artifacts, read from the ephemeral API's own database in PREFECT_HOME
     with closing(sqlite3.connect(tmp_path / "prefect" / "prefect.db")) as db:

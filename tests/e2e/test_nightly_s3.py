@@ -6,6 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import boto3
 import pytest
@@ -13,6 +19,7 @@ import pytest
 from tasks import layout
 from tasks.records import NightlySummary
 from tests.support.config import NIGHTLY, tiny_overrides
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +58,28 @@ def test_nightly_twice_on_s3(s3_endpoint, s3_bucket, ray_cluster, prefect_harnes
         f"storage.endpoint_url={s3_endpoint}",
         *tiny_overrides(NIGHTLY),
     ]
-    first = nightly(overrides=overrides)
+    # While the first nightly holds the run's lease (on the S3 server), a second one, started
+    # as a user would, fails at once naming this process; the first goes on.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(nightly, overrides=overrides)
+        lease = "pipeline/" + layout.lease_object(layout.run_lease_prefix("nightly"))
+        deadline = time.monotonic() + 300
+        while lease not in _objects(s3_endpoint, s3_bucket) and time.monotonic() < deadline:
+            assert not running.done(), running.result()
+            time.sleep(0.5)
+        refused = subprocess.run(
+            [str(Path(sys.executable).parent / "diffpipe"), "nightly", *overrides],
+            cwd=REPO,
+            env={k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert refused.returncode == 2, refused.stdout[-2000:] + refused.stderr[-2000:]
+        assert f"pid {os.getpid()}" in refused.stderr, refused.stderr
+        assert not running.done(), "the first nightly ended before the refused was refused"
+        first = running.result()
+    assert lease not in _objects(s3_endpoint, s3_bucket)  # released at the end
 
     objects = _objects(s3_endpoint, s3_bucket)
     keys = set(objects)

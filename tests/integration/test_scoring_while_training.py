@@ -17,10 +17,16 @@ pytestmark = pytest.mark.slow  # Ray actor pools, Prefect's test harness, Incept
 
 RUN = "scored"
 NIGHT = "20261206T020000Z"
-# Six steps, a checkpoint every two, each scored on two ranges of 4 images; only the newest
+# Six steps, a checkpoint every three, each scored on two ranges of 4 images; only the newest
 # checkpoint is kept besides the best one.
 SCORED: dict[str, dict[str, object]] = {
-    "train": {"run_id": RUN, "steps": 6, "checkpoint_every": 2, "keep_checkpoints": 1},
+    "train": {
+        "run_id": RUN,
+        "steps": 6,
+        "steps_per_night": 6,
+        "checkpoint_every": 3,
+        "keep_checkpoints": 1,
+    },
     "sample": {"workers": 1},
     "evaluate": {
         "repeats": 2,
@@ -53,11 +59,11 @@ def test_every_checkpoint_is_scored_and_the_best_is_confirmed_on_fresh_seeds(
     )
 
     # Every checkpoint of the night was scored, on two ranges from evaluate.score_seed_start.
-    assert [s.step for s in summary.scores] == [2, 4, 6]
+    assert [s.step for s in summary.scores] == [3, 6]
     for score in summary.scores:
         assert len(score.values) == 2 and score.num_images == 4 and score.metric == "fid"
         scored = Metrics.read(store, score.metrics_key)
-        sample_set = SampleSet.read(store, layout.sample_manifest(scored.samples_key))
+        sample_set = SampleSet.read(store, scored.samples_key)
         assert sample_set.config.seed_start == 1_000_000_000
         assert scored.checkpoint_step == score.step
 
@@ -66,7 +72,7 @@ def test_every_checkpoint_is_scored_and_the_best_is_confirmed_on_fresh_seeds(
     best = min(summary.scores, key=lambda s: (s.mean, -s.step))
     assert summary.checkpoint_key == layout.checkpoint(RUN, best.step)
     assert summary.metrics.checkpoint_step == best.step
-    confirmation = SampleSet.read(store, layout.sample_manifest(summary.metrics.samples_key))
+    confirmation = SampleSet.read(store, summary.metrics.samples_key)
     assert confirmation.config.seed_start == 0
     assert summary.promotion.checkpoint_key == summary.checkpoint_key
 
@@ -75,7 +81,7 @@ def test_every_checkpoint_is_scored_and_the_best_is_confirmed_on_fresh_seeds(
     assert history.scores == summary.scores
     assert history.windows, "the loss windows stay beside the scores"
     events = store.list(layout.tensorboard_prefix(RUN))
-    assert any(".scores-00000002-00000006" in key for key in events), events
+    assert any(".scores-00000003-00000006" in key for key in events), events
 
     # Checkpoints were kept until scored, then pruned to the newest one and the best one.
     kept = {k for k in store.list(layout.checkpoints_prefix(RUN)) if k.endswith(".pt")}

@@ -1,7 +1,7 @@
 """Sweeps over training settings on the tiny pipeline: four trials (two learning rates x two
 training seeds) under ASHA, each an ordinary run trained in two segments and scored after each;
-the winner confirmed at full n; then the CLI: a small budget stops the sweep and says so, and a
-SIGKILLed driver is resumed by the same command without rerunning the finished trials."""
+the winner confirmed at full n; a small budget stops the sweep and says so; and, through the CLI,
+a SIGKILLed driver is resumed by the same command without rerunning the finished trials."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def _sweep_file(folder: Path, root: Path, name: str, **fields: Any) -> Path:
         for field, value in values.items()
     }
     overrides["storage.root"] = str(root)
+    overrides["ray.num_cpus"] = 2  # the CLI's own local cluster
     spec = {
         "name": name,
         "base": {"overrides": overrides},
@@ -135,7 +136,12 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_a_small_budget_stops_the_sweep_and_says_where(tmp_path):
+def test_a_small_budget_stops_the_sweep_and_says_where(
+    tmp_path, ray_cluster, prefect_harness, capsys
+):
+    from flows.cli import _print_sweep
+    from flows.sweep import sweep_flow
+
     path = _sweep_file(
         tmp_path,
         tmp_path / "store",
@@ -144,24 +150,20 @@ def test_a_small_budget_stops_the_sweep_and_says_where(tmp_path):
         budget_device_s=1,
         scheduler={"kind": "none"},
     )
-    run = subprocess.run(
-        _cli(path, tmp_path),
-        cwd=REPO,
-        env=_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    out = run.stdout
-    assert "stopped by the budget: budget 1 CPU-seconds" in out, out
-    store = Store(StorageConfig(root=str(tmp_path / "store")))
-    result = SweepResult.read(store, layout.sweep_record(layout.sweep_prefix("small")))
+    result = sweep_flow(sweep_path=str(path), confirm=False)
     # The first segment runs alone to measure what a segment costs; none starts after it.
     scored = [o for o in result.trials if o.trial.segments]
     assert len(scored) == 1 and len(scored[0].trial.segments) == 1
-    assert {o.status for o in result.trials} == {"budget", "not started"}
-    assert result.winner is None
+    assert sorted(o.status for o in result.trials) == ["budget", "not started", "not started"]
+    assert result.winner is None and result.spent_device_s == scored[0].trial.device_s
+    assert result.budget_note is not None
+    assert result.budget_note.startswith("budget 1 CPU-seconds: ")
+    assert f"stopped {scored[0].trial.trial_id} at step 2" in result.budget_note
+    _print_sweep(result)
+    assert f"stopped by the budget: {result.budget_note}" in capsys.readouterr().out
+    store = Store(StorageConfig(root=str(tmp_path / "store")))
+    markdown = store.read_bytes(layout.sweep_report(layout.sweep_prefix("small"))).decode()
+    assert f"Stopped by the budget: {result.budget_note}" in markdown
 
 
 def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
@@ -170,8 +172,9 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
         tmp_path,
         root,
         "resume",
-        grid={"train.lr": [1e-3, 2e-3, 3e-3]},
+        grid={"train.lr": [1e-3, 3e-3]},
         scheduler={"kind": "none"},
+        segment_steps=4,  # one segment a trial
         max_concurrent=1,
     )
     store = Store(StorageConfig(root=str(root)))
@@ -197,6 +200,8 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
         if first.poll() is None:
             first.kill()
     done_before = SweepTrial.read(store, key)
+    latest = layout.latest_checkpoint("resume-t00")
+    checkpoint_before = (store.read_bytes(latest), os.stat(store.path(latest)).st_mtime_ns)
 
     run = subprocess.run(
         _cli(path, tmp_path),
@@ -208,6 +213,9 @@ def test_a_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     result = SweepResult.read(store, layout.sweep_record(layout.sweep_prefix("resume")))
-    assert [o.status for o in result.trials] == ["finished"] * 3
+    assert [o.status for o in result.trials] == ["finished"] * 2
     t00 = next(o.trial for o in result.trials if o.trial.trial_id == "t00")
-    assert t00 == done_before and t00.starts == 1  # finished before the kill: not rerun
+    # Finished before the kill: neither trained nor scored again.
+    assert t00 == done_before and t00.starts == 1
+    assert (store.read_bytes(latest), os.stat(store.path(latest)).st_mtime_ns) == checkpoint_before
+    assert "resuming sweep resume from" in run.stderr, run.stderr[-3000:]

@@ -122,6 +122,7 @@ def _layout_keys() -> tuple[list[str], set[str]]:
             for name, arg in (
                 ("trial", ("t00",)),
                 ("record", ()),
+                ("spec", ()),
                 ("report", ()),
                 ("report_html", ()),
                 ("figure", ()),
