@@ -598,12 +598,13 @@ def main(argv: list[str] | None = None) -> int:
             limit=args.limit,
         )
         return 0
+    wait = args.command in ("train", "nightly") and args.wait  # the commands with --wait
     flows: dict[str, Callable[..., BaseModel]] = {
         "shard": flows_mod.shard_flow,
-        "train": functools.partial(flows_mod.train_flow, wait_for_lease=args.wait),
+        "train": functools.partial(flows_mod.train_flow, wait_for_lease=wait),
         "sample": flows_mod.sample_flow,
         "evaluate": flows_mod.evaluate_flow,
-        "nightly": functools.partial(flows_mod.nightly, wait_for_lease=args.wait),
+        "nightly": functools.partial(flows_mod.nightly, wait_for_lease=wait),
         "samplers": functools.partial(choose.sampler_flow, grid=grid or None),
     }
     if args.command == "ema":
