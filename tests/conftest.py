@@ -77,3 +77,12 @@ def mnist_root() -> Path:
             f"MNIST test data not found at {src} (set DIFFPIPE_TEST_DATA to the shared data folder)"
         )
     return src
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    """Prefect's test harness (a temporary API and database) for one test module's flows."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

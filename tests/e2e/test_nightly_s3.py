@@ -24,14 +24,6 @@ from tests.support.paths import REPO
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
 def _objects(endpoint: str, bucket: str) -> dict[str, dict]:
     s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     out = {}

@@ -37,14 +37,6 @@ POSTHOC: dict[str, dict[str, object]] = {
 STAMP = "20261207T000000Z"
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
 def test_snapshots_rebuild_score_and_choose(tmp_path, ray_cluster, prefect_harness):
     from flows.choose import ema_flow
 

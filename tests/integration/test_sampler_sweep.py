@@ -46,14 +46,6 @@ def trained(tmp_path_factory):
     return store, cfg, ckpt
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
 def _files(store: Store, s: SampleSet) -> dict[str, str]:
     """sha256 of every shard and receipt of a set, and of its weights file."""
     keys = [

@@ -40,14 +40,6 @@ SCORED: dict[str, dict[str, object]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
 def test_every_checkpoint_is_scored_and_the_best_is_confirmed_on_fresh_seeds(
     tmp_path, ray_cluster, prefect_harness
 ):

@@ -62,14 +62,6 @@ def _sweep_file(folder: Path, root: Path, name: str, **fields: Any) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness():
-        yield
-
-
 def test_a_tiny_sweep_runs_four_trials_and_confirms_the_winner(
     tmp_path, ray_cluster, prefect_harness
 ):
