@@ -8,8 +8,15 @@ best (FID <= best + its std over the seed ranges). The table gives ASHA's device
 segment and in all, as shares of the grid's. The issue's bar: <= 50 %. Device-seconds are
 reserved devices x wall seconds (`tasks.sweep.budget`), here CPU-seconds.
 
-    uv run python -m benchmarks.sweep_asha            # the measurement (hours on 2 CPU cores)
-    uv run python -m benchmarks.sweep_asha --quick    # a smoke run of the same code (minutes)
+Sized for at most ~40 min on 2 quiet CPU cores: 240 steps of batch 32 a trial (one rank on all
+cores: 0.08 s a step in bench_quality_mnist's own loop, ~0.35 s at worst), scored every 80 steps on
+2 seed ranges of 32 images (~25-30 s a segment with the stages' start-ups), i.e. 1.5-3 min a trial;
+the 8 grid trials and ASHA's ~60 % of them, plus ~3 min of sharding, reference statistics and Ray:
+25-40 min in all. At 80-240 steps FID still falls fast (bench_quality_mnist: 2.81 at step 50, 0.38
+at 500), so the learning rates' and EMA decays' differences show.
+
+    uv run python -m benchmarks.sweep_asha            # the measurement (25-40 min, 2 CPU cores)
+    uv run python -m benchmarks.sweep_asha --quick    # smoke run, same code, 2 trials (~5 min)
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from typing import Any
 
 from benchmarks._common import write_results
 from benchmarks.bench_quality_mnist import quality_config
+from tasks.evaluate.inception import resolve_extractor
+from tasks.evaluate.reference import reference_features
 from tasks.evaluate.stage import evaluate
 from tasks.records import SegmentScore, TrialOutcome
 from tasks.runtime import setup_process
@@ -37,22 +46,25 @@ from tasks.train.stage import train
 
 STAGES = TrialStages(train=train, sample=sample_images, evaluate=evaluate)
 GRID = {"train.lr": [5e-4, 1e-3, 2e-3, 4e-3], "train.ema_decay": [0.99, 0.995]}
+QUICK_GRID = {"train.lr": [1e-3, 4e-3], "train.ema_decay": [0.995]}  # the smoke run's 2 trials
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="few steps and tiny score sets")
+    p.add_argument("--quick", action="store_true", help="2 trials, few steps, tiny score sets")
     p.add_argument("--steps", type=int, help="training steps of every trial")
     p.add_argument("--segment", type=int, help="steps between two scores")
     p.add_argument("--out", default="sweep_asha.md", help="file name under benchmarks/results/")
     return p.parse_args()
 
 
-def sweep(name: str, scheduler: dict[str, Any], segment: int, work: Path, cfg: Any) -> SweepRun:
+def sweep(
+    name: str, grid: dict[str, Any], scheduler: dict[str, Any], segment: int, work: Path, cfg: Any
+) -> SweepRun:
     spec = parse_spec(
         {
             "name": name,
-            "grid": GRID,
+            "grid": grid,
             "segment_steps": segment,
             "scheduler": scheduler,
             "max_concurrent": 1,  # one trial at a time: each has the machine to itself
@@ -72,28 +84,42 @@ def main() -> None:
     args = parse_args()
     setup_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    steps = args.steps or (40 if args.quick else 2000)
-    segment = args.segment or (20 if args.quick else 250)
+    steps = args.steps or (40 if args.quick else 240)
+    segment = args.segment or (20 if args.quick else 80)
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     try:
         cfg = quality_config(work, steps, 32 if args.quick else 256, 64 if args.quick else 500)
+        # One trial at a time, so each stage has every core: one training rank (batch 32 a step,
+        # as bench_quality_mnist trains), one sampling and one feature worker, each on all cores.
+        cores = float(cfg.ray.num_cpus or 2)
         cfg = cfg.model_copy(
             update={
-                "train": cfg.train.model_copy(update={"checkpoint_every": segment}),
+                "train": cfg.train.model_copy(
+                    update={"checkpoint_every": segment, "workers": 1, "cpus_per_worker": cores}
+                ),
+                "sample": cfg.sample.model_copy(update={"cpus_per_worker": cores}),
                 "evaluate": cfg.evaluate.model_copy(
                     update={
                         "metrics": ("fid",),
-                        "score_images": 16 if args.quick else 128,
+                        "score_images": 16 if args.quick else 32,
                         "score_repeats": 2,
+                        "cpus_per_worker": cores,
                     }
                 ),
             }
         )
+        # The held-out split's reference statistics, cached once before either sweep: the grid's
+        # first segment would otherwise pay them and flatter ASHA's share.
+        store = open_store(cfg.storage)
+        manifest = shard_dataset(cfg.data, store).manifest
+        reference_features(store, manifest, resolve_extractor(cfg.evaluate, store), cfg.evaluate)
         t0 = time.monotonic()
-        grid = sweep("grid", {"kind": "none"}, segment, work, cfg)
+        settings = QUICK_GRID if args.quick else GRID
+        grid = sweep("grid", settings, {"kind": "none"}, segment, work, cfg)
         t1 = time.monotonic()
         asha = sweep(
             "asha",
+            settings,
             {"kind": "asha", "grace_period": segment, "reduction_factor": 2},
             segment,
             work,
@@ -122,7 +148,7 @@ def main() -> None:
         share = "not reached" if reached is None else f"{reached / grid_total:.0%}"
         body = "\n".join(
             [
-                f"8 trials (train.lr x train.ema_decay), {steps} steps each, scored every "
+                f"{len(grid.outcomes)} trials (train.lr x train.ema_decay), {steps} steps each, scored every "
                 f"{segment} steps on 2 seed ranges of {cfg.evaluate.score_images} images "
                 "(stand-in InceptionV3: FIDs comparable only with each other). One trial at a "
                 "time; the grid, then ASHA (grace period one segment, reduction factor 2).",

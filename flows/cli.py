@@ -78,7 +78,8 @@ STAGES = {
     "it with the bytes and deletes nothing",
     "sweep": "a sweep over training settings (-c sweep.yaml): trials trained in segments under Ray "
     "Tune, losers stopped early (ASHA/median), within a device-seconds budget; resumable",
-    "serve": "register the nightly deployment (cron) with the Prefect API and run its flow runs",
+    "serve": "register the nightly deployment (cron) and the sweep's (on demand) with the Prefect "
+    "API and run their flow runs",
 }
 
 
@@ -144,7 +145,12 @@ def _parser() -> argparse.ArgumentParser:
             )
         if name == "serve":
             p.add_argument("--cron", default=None, help="schedule (default: 0 2 * * *, 02:00 UTC)")
-            p.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+            p.add_argument(
+                "--name",
+                default="nightly",
+                help="deployment name (default: nightly/nightly and sweep/sweep; another name "
+                "names both)",
+            )
             p.add_argument("--limit", type=int, default=None, help="max concurrent runs")
     return parser
 

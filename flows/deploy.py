@@ -1,8 +1,9 @@
-"""The nightly deployment.
+"""The nightly deployment, and the sweep's.
 
-`diffpipe serve` registers `nightly/nightly` with a cron schedule on the Prefect API
-($PREFECT_API_URL) and executes its runs itself. With a work pool and workers instead, the
-deployment is infra/prefect.yaml, and `python -m flows.deploy automation` prepares the automation
+`diffpipe serve` registers `nightly/nightly` with a cron schedule and `sweep/sweep` (on demand:
+`prefect deployment run sweep/sweep --param sweep_path=...`) on the Prefect API ($PREFECT_API_URL)
+and executes their runs itself. With a work pool and workers instead, the deployments are
+infra/prefect.yaml, and `python -m flows.deploy automation` prepares the automation
 that notifies on a failed nightly (infra/prefect-automation.yaml) for `prefect automation create`.
 """
 
@@ -17,6 +18,7 @@ import yaml
 
 DEFAULT_CRON = "0 2 * * *"  # 02:00 UTC every night
 DEPLOYMENT_NAME = "nightly"
+SWEEP_DEPLOYMENT_NAME = "sweep"  # sweep_path given at each run
 DEPLOYMENT_CONCURRENCY = 1  # the deployment's concurrency limit (infra/prefect.yaml's too)
 AUTOMATION_FILE = Path(__file__).resolve().parents[1] / "infra" / "prefect-automation.yaml"
 NOTIFY_PLACEHOLDER = "NOTIFY_BLOCK_ID"
@@ -30,19 +32,46 @@ def serve_nightly(
     name: str = DEPLOYMENT_NAME,
     limit: int | None = None,
 ) -> None:
-    from flows.nightly import nightly  # the flow's imports (torch, Ray) only where it is served
+    """Serve the nightly and the sweep deployments (`served_deployments`) until interrupted."""
+    from prefect import serve
 
-    nightly.serve(
-        name=name,
-        cron=cron,
-        parameters={"config_path": config_path, "overrides": overrides},
-        description="Retrain (continue the run), sample, evaluate; promote the model only when better.",
-        tags=["diffusion", "nightly"],
-        limit=limit,
-        # One run of the deployment at a time; a second waits its turn (Prefect's default
-        # collision strategy, ENQUEUE). The run's lease (tasks.lease) guards runs from elsewhere.
-        global_limit=DEPLOYMENT_CONCURRENCY,
-    )
+    serve(*served_deployments(config_path, overrides, cron=cron, name=name), limit=limit)
+
+
+def served_deployments(
+    config_path: str | None,
+    overrides: list[str],
+    *,
+    cron: str | None = DEFAULT_CRON,
+    name: str = DEPLOYMENT_NAME,
+) -> list[Any]:  # RunnerDeployments (`to_deployment` is typed as maybe a coroutine)
+    """`nightly/<name>` on `cron`, and the sweep's, run on demand: `sweep/sweep` beside the default
+    name, else `sweep/<name>`, so that a pair served under another name replaces neither of
+    infra/prefect.yaml's deployments."""
+    # The flows' imports (torch, Ray) only where they are served.
+    from flows.nightly import nightly
+    from flows.sweep import sweep_flow
+
+    return [
+        nightly.to_deployment(
+            name=name,
+            cron=cron,
+            parameters={"config_path": config_path, "overrides": overrides},
+            description="Retrain (continue the run), sample, evaluate; promote the model only when better.",
+            tags=["diffusion", "nightly"],
+            # One run of the deployment at a time; a second waits its turn (Prefect's default
+            # collision strategy, ENQUEUE). The run's lease (tasks.lease) guards runs from elsewhere.
+            concurrency_limit=DEPLOYMENT_CONCURRENCY,
+        ),
+        sweep_flow.to_deployment(
+            name=SWEEP_DEPLOYMENT_NAME if name == DEPLOYMENT_NAME else name,
+            description="Train trials of a sweep in segments under Ray Tune; confirm and report "
+            "the winner.",
+            tags=["diffusion", "sweep"],
+            # One sweep at a time: two would fight over the cluster's devices.
+            concurrency_limit=1,
+        ),
+    ]
 
 
 def _notification_block_id(notify: str) -> str:

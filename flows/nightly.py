@@ -31,7 +31,7 @@ from flows.stages import (
 )
 from tasks import layout
 from tasks.config import PipelineConfig
-from tasks.lease import Lease, model_lease, run_lease
+from tasks.lease import Lease, interrupted_nights, model_lease, run_lease
 from tasks.promote.stage import read_champion
 from tasks.records import (
     Checkpoint,
@@ -60,12 +60,18 @@ def shard_flow(config_path: str | None = None, overrides: list[str] | None = Non
 
 
 def _run_lease(
-    cfg: PipelineConfig, command: str, wait: bool
+    cfg: PipelineConfig, command: str, wait: bool, night: str | None = None
 ) -> contextlib.AbstractContextManager[Lease]:
     """The run's lease for this flow run: one writer of the run at a time (`tasks.lease`)."""
     store = open_store(cfg.storage)
     return run_lease(
-        store, cfg.train.run_id, cfg.lease, command=command, wait=wait, flow_run=flow_run.id
+        store,
+        cfg.train.run_id,
+        cfg.lease,
+        command=command,
+        wait=wait,
+        flow_run=flow_run.id,
+        night=night,
     )
 
 
@@ -164,15 +170,17 @@ def nightly(
 ) -> NightlySummary:
     """Retrain, sample, evaluate; promote only when better by more than the noise; report.
 
-    `night` names the night (default: this flow run's scheduled start, `20261125T020000Z`, so a
+    `night` names the night (default: the night of a nightly of the run killed before it ended,
+    so that a rerun completes it; else this flow run's scheduled start, `20261125T020000Z`, so a
     retried run keeps it): its report folder, and its one decision in the promotion history,
     which a rerun of the night replaces. Returns the summary (report URL, FID, decision, stages).
     The run's lease is held throughout: another writer of the run fails at once, or is waited
     for with `wait_for_lease` (`diffpipe nightly --wait`)."""
     logger = get_run_logger()
     cfg = load_flow_config(config_path, overrides)
-    night = night or layout.night_stamp(flow_run.scheduled_start_time)
-    with _run_lease(cfg, "nightly", wait_for_lease):
+    interrupted = interrupted_nights(open_store(cfg.storage), cfg.train.run_id)
+    night = night or max(interrupted, default=layout.night_stamp(flow_run.scheduled_start_time))
+    with _run_lease(cfg, "nightly", wait_for_lease, night):
         return _night(cfg, night, logger)
 
 
@@ -198,7 +206,7 @@ def _night(
     )
 
     stages.start("train")
-    trained = train_task(cfg, manifest, nightly=True)
+    trained = train_task(cfg, manifest, nightly=True, night=night)
     # The challenger: the best checkpoint scored while training ran, else the last.
     ckpt = trained.best or trained.checkpoint
     if trained.trained_steps == 0:

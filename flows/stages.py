@@ -95,15 +95,17 @@ def shard_task(data: DataConfig, storage: StorageConfig, ray: RayConfig) -> Shar
 
 
 @_stage("train")
-def train_task(cfg: PipelineConfig, dataset: DatasetManifest, nightly: bool = False) -> TrainResult:
+def train_task(
+    cfg: PipelineConfig, dataset: DatasetManifest, nightly: bool = False, night: str | None = None
+) -> TrainResult:
     """Train; with `evaluate.score_every`, score checkpoints while training runs (the result then
     names the best of them)."""
     store = open_store(cfg.storage)
     if not cfg.evaluate.score_every:
-        return train(cfg, store, dataset, nightly=nightly)
+        return train(cfg, store, dataset, nightly=nightly, night=night)
     with CheckpointScorer(cfg, dataset) as scorer:
         return scorer.finish(
-            train(cfg, store, dataset, nightly=nightly, on_checkpoint=scorer.submit)
+            train(cfg, store, dataset, nightly=nightly, night=night, on_checkpoint=scorer.submit)
         )
 
 

@@ -4,7 +4,8 @@ When the run ends, fails or is killed (SIGKILL included), the watchdog stops eve
 started that is still alive (Prefect's temporary API server, a local Ray cluster and its workers)
 and removes the run's temporary folders. It follows the run's descendants through /proc once a
 second, and identifies a process by (pid, start time), so it never signals a process it did not see
-descend from the run. Where /proc does not exist, it does nothing.
+descend from the run, but for one whose command line names the run's own temporary folders (a Ray
+worker still starting when the run died). Where /proc does not exist, it does nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tasks.runtime import temp_prefix, temp_roots
 
 PROC = Path("/proc")
 GRACE_S = 5.0
+SWEEP_S = 10.0  # how long the run's folders are removed again as they reappear
 
 
 def start_watchdog() -> None:
@@ -106,9 +108,37 @@ def watch(pid: int, *, interval_s: float = 1.0) -> None:
             left = {p: s for p, s in left.items() if _alive(p, s)}
         if not left:
             break
-    for root in temp_roots():  # the temp folder, and Ray's where $RAY_TMPDIR sets it apart
-        for folder in root.glob(temp_prefix(pid) + "*"):
-            shutil.rmtree(folder, ignore_errors=True)
+    # A process the run started in its last second was never seen (a Ray worker the raylet
+    # forked as the run was killed, orphaned since): still importing, it would make Ray's session
+    # folders again (`session_*/{logs/old,sockets,runtime_resources}`, seen 27 s after a kill on
+    # a loaded machine) and then exit. Its command line names the run's folders: it is ended
+    # first, and the folders are removed again while one may still be starting.
+    folders = [str(root / temp_prefix(pid)).encode() for root in temp_roots()]
+    deadline = time.monotonic() + SWEEP_S
+    while True:
+        for p in _naming(folders):
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+        for root in temp_roots():  # the temp folder, and Ray's where $RAY_TMPDIR sets it apart
+            for folder in root.glob(temp_prefix(pid) + "*"):
+                shutil.rmtree(folder, ignore_errors=True)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+
+
+def _naming(folders: list[bytes]) -> list[int]:
+    """The processes whose command line names one of `folders` (a Ray worker's --temp-dir)."""
+    found = []
+    for entry in PROC.iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(folder in cmdline for folder in folders):
+                found.append(int(entry.name))
+    return found
 
 
 if __name__ == "__main__":

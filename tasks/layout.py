@@ -305,6 +305,11 @@ def nightly_summary(prefix: str) -> str:
     return f"{prefix}/summary.json"
 
 
+def nightly_train_target(prefix: str) -> str:
+    """The steps the night trains from and to, fixed when it first trains (a rerun keeps them)."""
+    return f"{prefix}/train_target.json"
+
+
 def nightly_latest(run_id: str) -> str:
     return f"{nightlies_prefix(run_id)}/latest.json"
 

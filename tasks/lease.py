@@ -59,6 +59,9 @@ FORMAT: Literal["diffusion-pipeline/lease@1"] = "diffusion-pipeline/lease@1"
 _MAX_POLL_S = 5.0  # how often a waiting contender looks again, at most
 
 
+CONTINUE_NIGHT_S = 20 * 3600.0  # a killed night is rerun the same day, or left as it ended
+
+
 class LeaseHolder(BaseModel):
     """What a lease object holds: who holds it, and until when (seconds since the epoch)."""
 
@@ -71,6 +74,7 @@ class LeaseHolder(BaseModel):
     pid: int
     started_at: str  # ISO 8601, UTC
     flow_run: str | None = None  # the Prefect flow run id, when run as one
+    night: str | None = None  # a nightly's night: a rerun after this holder died continues it
     token: str  # this acquisition's own id
     renewed_at: float
     expires_at: float
@@ -327,6 +331,9 @@ class _Strategy(Protocol):
     def holder(self) -> LeaseHolder | None:
         """The live holder, if any."""
 
+    def recorded(self) -> list[LeaseHolder]:
+        """Every holder the lease names now, live or not."""
+
 
 class _OneObject:
     """The lease is one object, changed conditionally (`_Versioned`)."""
@@ -386,6 +393,11 @@ class _OneObject:
         holder = None if found is None else LeaseHolder.parse(found[0])
         return holder if holder is not None and holder.live(time.time()) else None
 
+    def recorded(self) -> list[LeaseHolder]:
+        found = self.obj.read()
+        holder = None if found is None else LeaseHolder.parse(found[0])
+        return [] if holder is None else [holder]
+
 
 class _Claims:
     """The compare-and-swap fallback for stores that ignore conditional writes: a claim object
@@ -432,6 +444,15 @@ class _Claims:
     def holder(self) -> LeaseHolder | None:
         live = self._live_claims(time.time())
         return min(live.values(), key=lambda h: h.started_at) if live else None
+
+    def recorded(self) -> list[LeaseHolder]:
+        found = []
+        for key in self.store.list(self.prefix):
+            if layout.is_lease_claim(self.prefix, key):
+                with contextlib.suppress(FileNotFoundError):  # withdrawn since the listing
+                    if (holder := LeaseHolder.parse(self.store.read_bytes(key))) is not None:
+                        found.append(holder)
+        return found
 
 
 def _strategy(store: Store, prefix: str, conditional: bool | None) -> _Strategy:
@@ -487,7 +508,13 @@ class Lease:
 
 
 def _acquire(
-    strategy: _Strategy, what: str, command: str, cfg: LeaseConfig, wait: bool, flow_run: str | None
+    strategy: _Strategy,
+    what: str,
+    command: str,
+    cfg: LeaseConfig,
+    wait: bool,
+    flow_run: str | None,
+    night: str | None = None,
 ) -> LeaseHolder:
     token = uuid.uuid4().hex
     announced: str | None = None
@@ -500,6 +527,7 @@ def _acquire(
             pid=os.getpid(),
             started_at=datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
             flow_run=flow_run,
+            night=night,
             token=token,
             renewed_at=now,
             expires_at=now + cfg.timeout_s,
@@ -526,14 +554,16 @@ def hold_lease(
     wait: bool = False,
     flow_run: str | None = None,
     conditional: bool | None = None,
+    night: str | None = None,
 ) -> Iterator[Lease]:
     """Hold the lease of folder `prefix` (a `layout.*_lease_prefix`) while the block runs.
 
     Raises LeaseHeldError naming the live holder, unless `wait`: then polls until it is free.
     `conditional` picks the mechanism on S3 (None: probe the store; False: the claims fallback).
-    A lease lost while the block ran raises LeaseLostError after it, unless the block raised."""
+    A lease lost while the block ran raises LeaseLostError after it, unless the block raised.
+    `night` is recorded with the holder (`interrupted_nights`)."""
     strategy = _strategy(store, prefix, conditional)
-    lease = Lease(strategy, _acquire(strategy, what, command, cfg, wait, flow_run), cfg)
+    lease = Lease(strategy, _acquire(strategy, what, command, cfg, wait, flow_run, night), cfg)
     try:
         yield lease
     except BaseException:
@@ -552,11 +582,37 @@ def run_lease(
     command: str,
     wait: bool = False,
     flow_run: str | None = None,
+    night: str | None = None,
 ) -> contextlib.AbstractContextManager[Lease]:
     """The lease of run `run_id`: one nightly or training writes the run at a time."""
     prefix = layout.run_lease_prefix(run_id)
     return hold_lease(
-        store, prefix, cfg, what=f"run {run_id!r}", command=command, wait=wait, flow_run=flow_run
+        store,
+        prefix,
+        cfg,
+        what=f"run {run_id!r}",
+        command=command,
+        wait=wait,
+        flow_run=flow_run,
+        night=night,
+    )
+
+
+def interrupted_nights(store: Store, run_id: str) -> list[str]:
+    """The nights of run `run_id`'s nightlies that died holding its lease (SIGKILLed, their
+    machine lost): never released, and no longer live. A rerun continues such a night, as a
+    Prefect retry of its flow run would, so that the night keeps one report folder and one
+    decision in the promotion history. Only a night whose holder was alive within
+    `CONTINUE_NIGHT_S`: the next day's scheduled nightly starts a night of its own."""
+    now = time.time()
+    holders = _strategy(store, layout.run_lease_prefix(run_id), None).recorded()
+    return sorted(
+        h.night
+        for h in holders
+        if h.command == "nightly"
+        and h.night
+        and not h.live(now)
+        and now - h.renewed_at < CONTINUE_NIGHT_S
     )
 
 

@@ -73,8 +73,9 @@ def promote_if_better(
     """Decide, record the decision as night `night`'s (default: now), and promote when better.
 
     A rerun of a night replaces that night's decision, the champion pointer included: when an
-    earlier attempt of the same night promoted a model, the challenger is weighed against the
-    champion that attempt replaced."""
+    earlier attempt of the same night promoted the current champion, the challenger is weighed
+    against the champion that attempt replaced. A rerun of an older night (a later night's model
+    is the champion) that promotes nothing leaves that night's promoting decision in place."""
     night = night or night_now()
     current_key = layout.model_current(cfg.model_name)
     current = read_champion(store, cfg.model_name)
@@ -122,10 +123,16 @@ def promote_if_better(
     )
     history_key = layout.model_history(cfg.model_name)
     history = PromotionHistory.read_or_none(store, history_key) or PromotionHistory(decisions=[])
-    decisions = sorted(
-        [d for d in history.decisions if d.night != night] + [decision], key=lambda d: d.night
-    )
-    history.model_copy(update={"decisions": decisions}).write(store, history_key)
+    earlier = next((d for d in history.decisions if d.night == night), None)
+    if not promote and baseline is current and earlier is not None and earlier.promoted:
+        # A rerun of an older night that promotes nothing: that night's promotion stands (its
+        # champion is in the chain that rollbacks walk), so does its decision.
+        log.info("night %s keeps its earlier promoting decision (this rerun: %s)", night, reason)
+    else:
+        decisions = sorted(
+            [d for d in history.decisions if d.night != night] + [decision], key=lambda d: d.night
+        )
+        history.model_copy(update={"decisions": decisions}).write(store, history_key)
     log.info(
         "promotion of %s: %s (%s)",
         checkpoint.key,

@@ -196,12 +196,25 @@ def target_step(cfg: PipelineConfig, done: int, *, nightly: bool) -> int:
     return cfg.train.steps
 
 
+def night_target(store: Store, cfg: PipelineConfig, done: int, night: str) -> int:
+    """The step night `night` trains to: fixed (with the step it started from) the first time the
+    night trains, so that a rerun of a night killed during or after its training stops where the
+    night would have, instead of training `steps_per_night` further."""
+    key = layout.nightly_train_target(layout.nightly_prefix(cfg.train.run_id, night))
+    if store.exists(key):
+        return int(store.read_json(key)["target_step"])
+    target = target_step(cfg, done, nightly=True)
+    store.write_json(key, {"night": night, "start_step": done, "target_step": target})
+    return target
+
+
 def train(
     cfg: PipelineConfig,
     store: Store,
     manifest: DatasetManifest,
     *,
     nightly: bool = False,
+    night: str | None = None,
     on_checkpoint: Callable[[Checkpoint, bool], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) training of `train.run_id` to its target step on the dataset `manifest`.
@@ -212,7 +225,11 @@ def train(
     latest = Checkpoint.latest(store, tc.run_id)
     if latest is not None:  # before anything is written, the run's config.json included
         check_resume_compatible(latest, cfg.model, unet_config_for(cfg.model, manifest))
-    target = target_step(cfg, latest.step if latest else 0, nightly=nightly)
+    done = latest.step if latest else 0
+    if nightly and night is not None:  # a rerun of the night trains to the night's own target
+        target = night_target(store, cfg, done, night)
+    else:
+        target = target_step(cfg, done, nightly=nightly)
     if latest is not None and latest.step >= target:
         log.info(
             "run %s is already at step %d (target %d): nothing to train",

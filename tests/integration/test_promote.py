@@ -171,6 +171,25 @@ def test_one_decision_per_night_and_a_rerun_replaces_it(store):
     ]
 
 
+def test_an_older_nights_rerun_that_promotes_nothing_keeps_its_promotion_on_record(store):
+    # Nights 1 and 2 promote; night 1 is rerun and loses to night 2's model; then night 2 is
+    # rerun and loses to night 1's, which becomes the champion again: night 1's promoting
+    # decision must still be on record (the order two concurrent reruns can take).
+    cfg = PromoteConfig(min_improvement=0.01)
+    x1 = promote_if_better(store, cfg, metrics_record(5.0), checkpoint_record(1, store), NIGHTS[0])
+    y1 = promote_if_better(store, cfg, metrics_record(3.0), checkpoint_record(2, store), NIGHTS[1])
+    x2 = promote_if_better(store, cfg, metrics_record(9.0), checkpoint_record(3, store), NIGHTS[0])
+    y2 = promote_if_better(store, cfg, metrics_record(8.0), checkpoint_record(4, store), NIGHTS[1])
+    assert (x1.promoted, y1.promoted, x2.promoted, y2.promoted) == (True, True, False, False)
+    current = _champion(store)
+    assert current.step == 1 and current.night == NIGHTS[0]
+    history = PromotionHistory.read(store, layout.model_history("default"))
+    assert [(d.night, d.checkpoint_step, d.promoted) for d in history.decisions] == [
+        (NIGHTS[0], 1, True),
+        (NIGHTS[1], 4, False),
+    ]
+
+
 def test_rollback_restores_the_previous_champion_and_is_recorded(store):
     cfg = PromoteConfig()
     with pytest.raises(NothingToRollBackError, match="has no champion"):

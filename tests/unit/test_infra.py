@@ -357,9 +357,10 @@ def test_prefect_yaml_deploys_an_existing_flow_from_a_parametrised_checkout():
         assert f"flow(name='{deployment['name']}')" in decorators, decorators
         args = {a.arg for a in flow_def.args.args}
         assert set(deployment["parameters"]) <= args, deployment["parameters"]
-        assert (REPO / deployment["parameters"]["config_path"]).is_file()
+        params = deployment["parameters"]  # a pipeline config, or a sweep's YAML
+        assert (REPO / params.get("config_path", params.get("sweep_path", ""))).is_file()
         assert deployment["work_pool"]["name"]
-        for schedule in deployment["schedules"]:
+        for schedule in deployment.get("schedules", []):  # a sweep runs on demand
             assert len(schedule["cron"].split()) == 5 and schedule["timezone"] == "UTC"
         assert "RAY_ADDRESS" not in deployment["work_pool"]["job_variables"].get("env", {}), (
             "the worker's machine says where the cluster is"

@@ -105,6 +105,7 @@ def _layout_keys() -> tuple[list[str], set[str]]:
         L["nightly_report_html"](nightly),
         *(L["nightly_figure"](nightly, figure) for figure in ("grid", "loss", "fid")),
         L["nightly_summary"](nightly),
+        L["nightly_train_target"](nightly),
         L["nightly_latest"](run),
         *(
             L[f"sampler_choice_{name}"](L["sampler_choice_prefix"](run, "20261125T020000Z"))

@@ -240,3 +240,42 @@ def test_a_resumed_sweep_must_be_the_sweep_that_started(tmp_path):
     _check_same_sweep(store, first)  # the same sweep again: resumed
     with pytest.raises(ValueError, match=r"sweep 'lr' was started with another spec \(grid differ"):
         _check_same_sweep(store, parse_spec(_spec(grid={"train.lr": [1e-3]})))
+
+
+def test_the_sweep_deployment_runs_sweep_flow_with_parameters_that_validate():
+    """infra/prefect.yaml's `sweep/sweep` (a work pool's) and `diffpipe serve`'s: the flow they run
+    is `sweep_flow`, and the parameters they carry pass its own validation and plan a sweep."""
+    import yaml
+    from prefect.exceptions import ParameterTypeError
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.deploy import served_deployments
+    from flows.sweep import sweep_flow
+    from tests.support.paths import REPO
+
+    spec = yaml.safe_load((REPO / "infra" / "prefect.yaml").read_text())
+    (deployment,) = [d for d in spec["deployments"] if d["name"] == "sweep"]
+    assert deployment["entrypoint"] == "flows/sweep.py:sweep_flow"
+    path, func = deployment["entrypoint"].split(":")
+    flow = load_flow_from_entrypoint(f"{REPO / path}:{func}")
+    assert flow.name == sweep_flow.name == "sweep"
+    params = flow.validate_parameters(deployment["parameters"])
+    assert params == {"sweep_path": "configs/sweep-cluster.yaml", "confirm": True}
+    plans = plan_trials(read_spec(REPO / params["sweep_path"]))  # relative to DIFFPIPE_HOME
+    assert [p.run_id for p in plans] == ["lr-t00", "lr-t01", "lr-t02"]
+    assert deployment["work_pool"]["name"] == spec["deployments"][0]["work_pool"]["name"]
+
+    nightly, sweep = served_deployments("configs/nightly-cluster.yaml", [])
+    assert (nightly.name, sweep.name) == ("nightly", "sweep")
+    assert sweep.entrypoint == deployment["entrypoint"] and not sweep.schedules
+    assert sweep.concurrency_limit == deployment["concurrency_limit"] == 1
+    # sweep_path is given at each run (`--param sweep_path=...`), confirm defaults to True
+    assert sweep.parameters == {}
+    assert sweep_flow.validate_parameters({"sweep_path": "s.yaml"}) == {
+        "sweep_path": "s.yaml",
+        "confirm": True,
+    }
+    with pytest.raises(ParameterTypeError, match="sweep_path"):
+        sweep_flow.validate_parameters({})
+    # Under another name, both deployments take it (neither replaces infra/prefect.yaml's).
+    assert [d.name for d in served_deployments(None, [], name="serve-check")] == ["serve-check"] * 2
