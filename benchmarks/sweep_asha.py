@@ -8,14 +8,13 @@ best (FID <= best + its std over the seed ranges). The table gives ASHA's device
 segment and in all, as shares of the grid's. The issue's bar: <= 50 %. Device-seconds are
 reserved devices x wall seconds (`tasks.sweep.budget`), here CPU-seconds.
 
-Sized for at most ~40 min on 2 quiet CPU cores: 240 steps of batch 32 a trial (one rank on all
-cores: 0.08 s a step in bench_quality_mnist's own loop, ~0.35 s at worst), scored every 80 steps on
-2 seed ranges of 32 images (~25-30 s a segment with the stages' start-ups), i.e. 1.5-3 min a trial;
-the 8 grid trials and ASHA's ~60 % of them, plus ~3 min of sharding, reference statistics and Ray:
-25-40 min in all. At 80-240 steps FID still falls fast (bench_quality_mnist: 2.81 at step 50, 0.38
-at 500), so the learning rates' and EMA decays' differences show.
+Sized from a quiet run (2026-12-06, 2 CPU cores): 600 steps of batch 32 a trial, scored every 200
+steps on 2 seed ranges of 32 images; a segment costs ~80 s wall (~210 CPU-s) with the stages'
+start-ups, so the grid's 24 segments take ~33 min and ASHA's ~17 another ~23 min: about an hour in
+all. Below ~300 steps FID is no guide: it rose from step 80 to 240 (1.6 -> 9.0) while the EMA still
+averaged the early model, so ASHA's rungs would rank noise; from 200 to 600 it falls in every trial.
 
-    uv run python -m benchmarks.sweep_asha            # the measurement (25-40 min, 2 CPU cores)
+    uv run python -m benchmarks.sweep_asha            # the measurement (~1 hour, 2 CPU cores)
     uv run python -m benchmarks.sweep_asha --quick    # smoke run, same code, 2 trials (~5 min)
 """
 
@@ -84,8 +83,8 @@ def main() -> None:
     args = parse_args()
     setup_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    steps = args.steps or (40 if args.quick else 240)
-    segment = args.segment or (20 if args.quick else 80)
+    steps = args.steps or (40 if args.quick else 600)
+    segment = args.segment or (20 if args.quick else 200)
     work = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     try:
         cfg = quality_config(work, steps, 32 if args.quick else 256, 64 if args.quick else 500)

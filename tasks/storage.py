@@ -330,9 +330,11 @@ class Store:
         keys = [self.key_of(e["name"]) for e in entries if e.get("type") != "directory"]
         return sorted(k for k in keys if not k.rsplit("/", 1)[-1].startswith(".tmp-"))
 
-    def walk(self, prefix: str = "") -> Listing:
+    def walk(self, prefix: str = "", *, unfinished: bool = False) -> Listing:
         """Every object below `prefix`, at any depth, with its size and last write, sorted by
-        key; [] when there is none. One listing (paged on S3), no object is read."""
+        key; [] when there is none. One listing (paged on S3), no object is read. `unfinished`:
+        instead, the temporary files of local writes that never finished (`.tmp-*`: their
+        writer was killed before the rename), which no reader ever sees."""
         path = self.path(prefix)
         try:
             found = self._retry(
@@ -343,7 +345,8 @@ class Store:
         objects = []
         for name, info in found.items():
             key = self.key_of(name)
-            if info.get("type") == "directory" or key.rsplit("/", 1)[-1].startswith(".tmp-"):
+            temporary = key.rsplit("/", 1)[-1].startswith(".tmp-")
+            if info.get("type") == "directory" or temporary != unfinished:
                 continue
             written = info.get("LastModified") or datetime.fromtimestamp(info["mtime"], UTC)
             objects.append(StoredObject(key, int(info["size"]), written.astimezone(UTC)))

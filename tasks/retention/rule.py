@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, get_args
 
@@ -41,6 +41,7 @@ Kind = Literal[
     "checkpoint copy",
     "reference statistics",
     "dataset shard",
+    "unfinished write",
 ]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 # How a plan's summary counts each kind: (one, several).
@@ -52,6 +53,7 @@ _NOUNS: dict[Kind, tuple[str, str]] = {
     "checkpoint copy": ("champion's checkpoint copy", "champions' checkpoint copies"),
     "reference statistics": ("dataset's reference statistics", "datasets' reference statistics"),
     "dataset shard": ("dataset shard", "dataset shards"),
+    "unfinished write": ("unfinished write", "unfinished writes"),
 }
 
 
@@ -65,6 +67,7 @@ class Survey:
     latest: dict[str, Checkpoint]  # run id -> its latest.json
     champions: dict[str, Champion]  # every champion record, by its key
     current: dict[str, Champion]  # model name -> its current.json
+    unfinished: list[StoredObject] = field(default_factory=list)  # `Store.walk(unfinished=True)`
 
 
 @dataclass(frozen=True)
@@ -299,6 +302,13 @@ class _Planner:
                     why = f"dataset shard {o.key}: its manifest no longer names it"
                     self.delete([o], "dataset shard", why)
 
+    def unfinished_writes(self) -> None:
+        """The temporary files of writes whose writer was killed before its rename (a local
+        store's `.tmp-*`): no reader sees them, nothing else removes them."""
+        for o in self.survey.unfinished:
+            if not self.fresh([o]):
+                self.delete([o], "unfinished write", f"{o.key}: a write that never finished")
+
 
 def plan(
     survey: Survey, policy: RetentionConfig, keep_checkpoints: int, now: datetime
@@ -315,12 +325,13 @@ def plan(
     planner.champion_copies()
     planner.reference_stats(planner.fingerprints_in_use(kept_nights))
     planner.dataset_shards()
+    planner.unfinished_writes()
     protected = _protected(survey)
     assert not protected & {d.key for d in planner.deletions}, "retention planned a kept object"
     return RetentionPlan(
         deletions=planner.deletions,
         pruned_reports=pruned,
-        stored_bytes=sum(o.bytes for o in survey.objects),
+        stored_bytes=sum(o.bytes for o in [*survey.objects, *survey.unfinished]),
     )
 
 

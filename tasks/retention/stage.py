@@ -49,7 +49,8 @@ def survey(store: Store) -> Survey:
                 champions[key] = Champion.read(store, key)
         if layout.model_current(model) in keys:
             current[model] = Champion.read(store, layout.model_current(model))
-    return Survey(objects, nights, manifests, latest, champions, current)
+    unfinished = store.walk(unfinished=True)
+    return Survey(objects, nights, manifests, latest, champions, current, unfinished)
 
 
 def plan_retention(

@@ -21,7 +21,7 @@ import pytest
 
 from tasks import layout
 from tasks.config import LeaseConfig
-from tasks.lease import LeaseHolder, interrupted_nights, run_lease
+from tasks.lease import CONTINUE_NIGHT_S, LeaseHolder, interrupted_nights, run_lease
 from tasks.records import PromotionHistory
 from tasks.storage import Store
 from tests.support import killer
@@ -113,8 +113,8 @@ def test_a_nightly_that_died_holding_its_lease_leaves_its_night_to_the_next(tmp_
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()  # a pid of this host that no longer runs: a SIGKILLed nightly
 
-    def holder(pid: int, command: str = "nightly") -> LeaseHolder:
-        now = time.time()
+    def holder(pid: int, command: str = "nightly", age_s: float = 0.0) -> LeaseHolder:
+        now = time.time() - age_s
         return LeaseHolder(
             what="run 'r'",
             command=command,
@@ -130,6 +130,9 @@ def test_a_nightly_that_died_holding_its_lease_leaves_its_night_to_the_next(tmp_
     assert interrupted_nights(store, "r") == []
     store.write_bytes(key, holder(gone.pid).to_bytes())
     assert interrupted_nights(store, "r") == ["20261125T020000Z"]
+    # a night that died yesterday is not continued by today's scheduled nightly
+    store.write_bytes(key, holder(gone.pid, age_s=CONTINUE_NIGHT_S + 60).to_bytes())
+    assert interrupted_nights(store, "r") == []
     store.write_bytes(key, holder(gone.pid, command="train").to_bytes())
     assert interrupted_nights(store, "r") == []
     store.write_bytes(key, holder(os.getpid()).to_bytes())  # alive: its night goes on
