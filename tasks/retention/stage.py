@@ -49,7 +49,9 @@ def survey(store: Store) -> Survey:
                 champions[key] = Champion.read(store, key)
         if layout.model_current(model) in keys:
             current[model] = Champion.read(store, layout.model_current(model))
-    unfinished = store.walk(unfinished=True)
+    # Only a local store's writes leave temporaries (S3's are uncommitted uploads): a second
+    # listing of a bucket would find nothing.
+    unfinished = store.walk(unfinished=True) if store.is_local else []
     return Survey(objects, nights, manifests, latest, champions, current, unfinished)
 
 
